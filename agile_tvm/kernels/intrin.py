@@ -1,0 +1,287 @@
+"""Tensor intrinsics used by the default schedules, registered under ``agile_*`` names.
+
+We define our own instead of importing ``tvm.s_tir.tensor_intrin``: that package imports the CUDA intrinsics
+and takes 75-100 s, and it has no int16 ``pmaddwd`` or AVX2 variant. Each intrinsic is a description (what
+the loop nest computes, used for pattern matching) plus an implementation (one or two LLVM intrinsics).
+
+| name | ISA | C[lanes] += sum_k A[k] * B[lanes, k] | weights tile |
+|---|---|---|---|
+| ``agile_u8i8_avx512_16x4`` | AVX-512BW | u8 x s8 -> s32, k = 4: ``vpmaddubsw`` + ``vpmaddwd`` | [16, 4] int8 |
+| ``agile_u8i8_avx2_8x4``    | AVX2      | same on ymm                                | [8, 4] int8 |
+| ``agile_i16_avx512_16x2``  | AVX-512BW | s16 x s16 -> s32, k = 2: ``vpmaddwd``      | [16, 2] int16 |
+| ``agile_i16_avx2_8x2``     | AVX2      | same on ymm                                | [8, 2] int16 |
+| ``agile_sdot_4x4``         | AArch64 +dotprod | s8 x s8 -> s32, k = 4: ``sdot``     | [4, 4] int8 |
+| ``agile_neon_smull_4x4``   | AArch64 NEON     | same: ``smull`` + ``saddlp`` + ``addp`` | [4, 4] int8 |
+
+``pmaddubsw`` adds two u8*s8 products in int16 with saturation: exact only when |a0*b0 + a1*b1| <= 32767,
+true for 8-bit activations times 5-bit weights (|q - wzero| <= 15), false for 8-bit weights. That is why
+W8A8 on x86 uses the int16 ``pmaddwd`` path (half the multiplies per instruction).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+
+def _dot_desc(lanes: int, kk: int, a_dtype: str, b_dtype: str):
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (kk,), a_dtype, offset_factor=1)
+        B = T.match_buffer(b, (lanes, kk), b_dtype, offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:kk], B[0:lanes, 0:kk])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, kk):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+
+    return desc
+
+
+def _pmaddubsw_impl(lanes: int):
+    """C += pmaddwd(pmaddubsw(broadcast(A as u32), B), 1): 4 products per int32 lane."""
+    bits = lanes * 32
+    ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    u8v, i8v, i16v, i32v = (f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}", f"int32x{lanes}")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_u32 = T.reinterpret("int32", A.vload([0], "uint8x4"))
+            a_vec = T.reinterpret(u8v, T.broadcast(a_u32, lanes))
+            pairs = T.call_llvm_pure_intrin(i16v, ub, a_vec, B.vload([0, 0], i8v))
+            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
+                i32v, wd, pairs, T.broadcast(T.int16(1), bits // 16)
+            )
+
+    return impl
+
+
+def _dot_desc_x4(lanes: int):
+    """C[i] += sum_{k < 16} A[k] * B[k // 4, i, k % 4]: four consecutive [lanes, 4] weight tiles."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (4, lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], B[0:4, 0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 16):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4])
+
+    return desc
+
+
+def _pmaddubsw_x4_impl(lanes: int):
+    """Four pmaddubsw summed in int16 before one pmaddwd (5-bit weights only).
+
+    A pmaddubsw lane is a0*w0 + a1*w1 <= 2 * 255 * 15 = 7650 when |w| <= 15, so four of them (30600) still fit
+    int16: 4 byte-multiplies + 3 int16 adds + 1 widening multiply instead of 4 + 4, fewer multiply-port uops.
+    """
+    bits = lanes * 32
+    ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    u8v, i8v, i16v, i32v = (f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}", f"int32x{lanes}")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (4, lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], B[0:4, 0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a0 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), lanes))
+            a1 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([4], "uint8x4")), lanes))
+            a2 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([8], "uint8x4")), lanes))
+            a3 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([12], "uint8x4")), lanes))
+            p01 = T.call_llvm_pure_intrin(i16v, ub, a0, B.vload([0, 0, 0], i8v)) + T.call_llvm_pure_intrin(
+                i16v, ub, a1, B.vload([1, 0, 0], i8v))
+            p23 = T.call_llvm_pure_intrin(i16v, ub, a2, B.vload([2, 0, 0], i8v)) + T.call_llvm_pure_intrin(
+                i16v, ub, a3, B.vload([3, 0, 0], i8v))
+            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
+                i32v, wd, p01 + p23, T.broadcast(T.int16(1), bits // 16)
+            )
+
+    return impl
+
+
+def _nibble_desc(lanes: int):
+    """C[i] += sum_{k < 16} A[k] * u(k, i), u read from 8*lanes bytes of nibbles (layout.py, ``nibble``)."""
+    half = 4 * lanes
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (2 * half,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], B[0 : 2 * half])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 16):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
+                        "int32",
+                        T.shift_right(B[vk // 4 % 2 * half + vi * 4 + vk % 4], T.Cast("uint8", vk // 8 * 4))
+                        & T.uint8(15),
+                    )
+
+    return desc
+
+
+def _nibble_impl(lanes: int):
+    """Unpack 4 [lanes, 4] tiles of 4-bit codes from two registers of nibbles, then the x4 pmaddubsw step."""
+    bits = lanes * 32
+    half = 4 * lanes
+    ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    u8v, i8v, i16v, i32v = (f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}", f"int32x{lanes}")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (2 * half,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], B[0 : 2 * half])
+            T.writes(C[0:lanes])
+            a0 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), lanes))
+            a1 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([4], "uint8x4")), lanes))
+            a2 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([8], "uint8x4")), lanes))
+            a3 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([12], "uint8x4")), lanes))
+            b02 = B.vload([0], u8v)
+            b13 = B.vload([half], u8v)
+            m15 = T.broadcast(T.uint8(15), bits // 8)
+            t0 = T.reinterpret(i8v, b02 & m15)
+            t1 = T.reinterpret(i8v, b13 & m15)
+            t2 = T.reinterpret(i8v, T.shift_right(b02, T.broadcast(T.uint8(4), bits // 8)))
+            t3 = T.reinterpret(i8v, T.shift_right(b13, T.broadcast(T.uint8(4), bits // 8)))
+            p01 = T.call_llvm_pure_intrin(i16v, ub, a0, t0) + T.call_llvm_pure_intrin(i16v, ub, a1, t1)
+            p23 = T.call_llvm_pure_intrin(i16v, ub, a2, t2) + T.call_llvm_pure_intrin(i16v, ub, a3, t3)
+            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
+                i32v, wd, p01 + p23, T.broadcast(T.int16(1), bits // 16)
+            )
+
+    return impl
+
+
+def _pmaddwd_impl(lanes: int):
+    """C += pmaddwd(broadcast(A as i32), B): 2 int16 products per int32 lane."""
+    bits = lanes * 32
+    wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    i16v, i32v = f"int16x{bits // 16}", f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (2,), "int16", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 2), "int16", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:2], B[0:lanes, 0:2])
+            T.writes(C[0:lanes])
+            a_i32 = T.reinterpret("int32", A.vload([0], "int16x2"))
+            a_vec = T.reinterpret(i16v, T.broadcast(a_i32, lanes))
+            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
+                i32v, wd, a_vec, B.vload([0, 0], i16v)
+            )
+
+    return impl
+
+
+def _sdot_impl():
+    """C += sdot(B, broadcast(A as i32)): lane i gets sum_k A[k] * B[i, k]."""
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a_vec = T.reinterpret("int8x16", T.broadcast(T.reinterpret("int32", A.vload([0], "int8x4")), 4))
+            C[T.ramp(0, 1, 4)] = T.call_llvm_pure_intrin(
+                "int32x4",
+                "llvm.aarch64.neon.sdot.v4i32.v16i8",
+                
+                C.vload([0], "int32x4"),
+                B.vload([0, 0], "int8x16"),
+                a_vec,
+            )
+
+    return impl
+
+
+def _neon_smull_impl():
+    """No dotprod (Cortex-A72): smull to int16, pairwise widening add (saddlp) and addp to one int32 per row."""
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (4, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (4,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:4], A[0:4], B[0:4, 0:4])
+            T.writes(C[0:4])
+            a8 = T.reinterpret("int8x8", T.broadcast(T.reinterpret("int32", A.vload([0], "int8x4")), 2))
+            p01 = T.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", a8, B.vload([0, 0], "int8x8"))
+            p23 = T.call_llvm_pure_intrin("int16x8", "llvm.aarch64.neon.smull.v8i16", a8, B.vload([2, 0], "int8x8"))
+            s01 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", p01)
+            s23 = T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.saddlp.v4i32.v8i16", p23)
+            C[T.ramp(0, 1, 4)] = C.vload([0], "int32x4") + T.call_llvm_pure_intrin(
+                "int32x4", "llvm.aarch64.neon.addp.v4i32", s01, s23)
+
+    return impl
+
+
+#: Four-tile variants for 5-bit weights (W4A8 on x86): k per step 16, tiles [4, lanes, 4].
+DOT_X4_INTRINSICS = {"avx512": ("agile_u8i8x4_avx512_16x16", 16), "avx2": ("agile_u8i8x4_avx2_8x16", 8)}
+
+#: Nibble-packed W4A8 (4-bit weights read straight from memory): x86 only, k per step 16.
+NIBBLE_INTRINSICS = {"avx512": ("agile_u4x4_avx512_16x16", 16), "avx2": ("agile_u4x4_avx2_8x16", 8)}
+
+#: (intrinsic name, lanes, k per step, activation dtype, weight dtype) per ISA and weight width.
+DOT_INTRINSICS = {
+    ("avx512", 8): ("agile_u8i8_avx512_16x4", 16, 4, "uint8", "int8"),
+    ("avx2", 8): ("agile_u8i8_avx2_8x4", 8, 4, "uint8", "int8"),
+    ("avx512", 16): ("agile_i16_avx512_16x2", 16, 2, "int16", "int16"),
+    ("avx2", 16): ("agile_i16_avx2_8x2", 8, 2, "int16", "int16"),
+    ("sdot", 8): ("agile_sdot_4x4", 4, 4, "int8", "int8"),
+    ("neon", 8): ("agile_neon_smull_4x4", 4, 4, "int8", "int8"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def register_all() -> None:
+    """Register every agile_* intrinsic once per process (idempotent)."""
+    impls = {
+        "agile_u8i8_avx512_16x4": _pmaddubsw_impl(16),
+        "agile_u8i8_avx2_8x4": _pmaddubsw_impl(8),
+        "agile_i16_avx512_16x2": _pmaddwd_impl(16),
+        "agile_i16_avx2_8x2": _pmaddwd_impl(8),
+        "agile_sdot_4x4": _sdot_impl(),
+        "agile_neon_smull_4x4": _neon_smull_impl(),
+    }
+    for name, lanes, kk, a_dt, b_dt in DOT_INTRINSICS.values():
+        desc = _dot_desc(lanes, kk, a_dt, b_dt)
+        TensorIntrin.register(name, desc, impls[name], override=True)
+    for name, lanes in NIBBLE_INTRINSICS.values():
+        TensorIntrin.register(name, _nibble_desc(lanes), _nibble_impl(lanes), override=True)
+    for name, lanes in DOT_X4_INTRINSICS.values():
+        TensorIntrin.register(name, _dot_desc_x4(lanes), _pmaddubsw_x4_impl(lanes), override=True)
