@@ -1,0 +1,161 @@
+"""Tuned schedule records: `schedules/<target>/` (curated, committed) and `tune_logs/<target>/` (raw).
+
+Both folders hold a MetaSchedule JSON database (`database_workload.json` + `database_tuning_record.json`,
+JSON lines). MetaSchedule does not check the target on lookup, so there is one folder per target name.
+A record applies to a PrimFunc that is structurally equal to the *unscheduled* function it was tuned from.
+
+Two ways the compiler applies them, both falling back to what it had when there is no record:
+
+1. Our kernels (what `agile-tvm tune` tunes): build the unscheduled kernel and ask for its tuned schedule::
+
+       from agile_tvm.tune.records import tuned_linear_func
+       f = tuned_linear_func(4, N, K, M, "x86-avx2")          # None -> use agile_tvm.kernels' hand schedule
+       # or, for any unscheduled PrimFunc: tuned_func(func, target_name)
+
+   Records exist for static M (1 = decode, 128 = prefill chunk): a symbolic-M kernel keeps the hand schedule.
+
+2. A Relax module of ordinary ops (records tuned with `ms.relax_integration.tune_relax`): legalize + fuse
+   first, since records are keyed by the *fused* TIR functions, then apply the database::
+
+       mod = apply_schedules(mod, target, "x86-avx2")         # = zero_pipeline() under `with target, db`
+       ex = tvm.compile(mod, target)
+
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from agile_tvm.errors import UserError
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def schedules_root() -> Path:
+    """Where curated records live; `AGILE_TVM_SCHEDULES` overrides (tests, installed packages)."""
+    return Path(os.environ.get("AGILE_TVM_SCHEDULES", REPO_ROOT / "schedules"))
+
+
+def tune_logs_root() -> Path:
+    """Where raw tuning databases live; `AGILE_TVM_TUNE_LOGS` overrides."""
+    return Path(os.environ.get("AGILE_TVM_TUNE_LOGS", REPO_ROOT / "tune_logs"))
+
+
+def check_database_files(work_dir: Path) -> tuple[int, int]:
+    """Validate both JSON-lines files of a database folder; return (workloads, records).
+
+    MetaSchedule aborts deep in C++ on a malformed line, so we parse first and raise a UserError that names
+    the file and line. The file is never modified here: the user keeps the evidence.
+    """
+    counts = []
+    for name in (WORKLOAD_FILE, RECORD_FILE):
+        path = Path(work_dir) / name
+        n = 0
+        if path.exists():
+            with open(path, encoding="utf-8", errors="strict") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                        raise UserError(
+                            f"corrupt tuning database {path} (line {lineno}: {exc.msg}); it was left untouched: "
+                            f"move it aside or delete it, then rerun"
+                        ) from None
+                    if not isinstance(row, list) or len(row) < 2:
+                        raise UserError(
+                            f"corrupt tuning database {path} (line {lineno}: not a MetaSchedule row); it was left "
+                            f"untouched: move it aside or delete it, then rerun"
+                        )
+                    n += 1
+        counts.append(n)
+    return counts[0], counts[1]
+
+
+def open_database(work_dir: Path, create: bool):
+    """A JSONDatabase on `work_dir` after validating it; `create` makes the folder (tuning appends there)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir = Path(work_dir)
+    if create:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    check_database_files(work_dir)
+    try:
+        return ms.database.JSONDatabase(work_dir=str(work_dir), allow_missing=create)
+    except Exception as exc:  # the C++ loader also rejects rows that parse as JSON but not as records
+        raise UserError(
+            f"corrupt tuning database in {work_dir} ({str(exc).splitlines()[-1][:200]}); it was left "
+            f"untouched: move it aside or delete it, then rerun"
+        ) from None
+
+
+def schedule_database(target_name: str):
+    """The curated records for `target_name` from `schedules/<target>/` as a Database, or None if there are none.
+
+    Read only: nothing is written to `schedules/` when compiling.
+    """
+    folder = schedules_root() / target_name
+    if not (folder / WORKLOAD_FILE).exists() or not (folder / RECORD_FILE).exists():
+        return None
+    _, n_records = check_database_files(folder)
+    if n_records == 0:
+        return None
+    return open_database(folder, create=False)
+
+
+def apply_schedules(mod, target, target_name: str, enable_warning: bool = False):
+    """Legalize + fuse a Relax module and apply `schedules/<target_name>/` to its TIR functions.
+
+    Returns the module unchanged when there are no records, so callers fall back to their hand schedules.
+    """
+    import tvm
+    from tvm import relax
+
+    db = schedule_database(target_name)
+    if db is None:
+        return mod
+    if not isinstance(target, tvm.target.Target):
+        target = tvm.target.Target(target)
+    with target, db, tvm.transform.PassContext(opt_level=3):
+        return relax.pipeline.zero_pipeline(enable_warning=enable_warning)(mod)
+
+
+def tuned_func(func, target_name: str):
+    """The tuned schedule of an *unscheduled* PrimFunc from `schedules/<target>/`, or None (use the hand one).
+
+    This is how a kernel gets its tuned schedule at compile time: build the unscheduled TE of the kernel
+    (`agile_tvm.tune.workloads.linear_func`), ask here, fall back to the kernels' hand schedule on None.
+    The returned PrimFunc is marked `tir.is_scheduled` so Relax leaves it alone.
+    """
+    db = schedule_database(target_name)
+    if db is None:
+        return None
+    from agile_tvm.tune.intrinsics import import_cpu_intrinsics
+
+    import_cpu_intrinsics()  # traces that tensorize name the agile_* intrinsics
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from agile_tvm.tune.targets import tuning_target
+
+    name = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else None
+    mod = _normalize_mod(func.with_attr("global_symbol", "main"))  # records are keyed with the name "main"
+    sch = db.query_schedule(mod, tuning_target(target_name), "main")
+    if sch is None:
+        return None
+    tuned = sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return tuned.with_attr("global_symbol", name) if name else tuned
+
+
+def tuned_linear_func(wbits: int, N: int, K: int, M: int, target_name: str):
+    """Tuned W4A8/W8A8 linear with static M (the shapes `agile-tvm tune --model` tunes), or None."""
+    if schedule_database(target_name) is None:
+        return None
+    from agile_tvm.tune.workloads import linear_func
+
+    return tuned_func(linear_func(wbits, N, K, M, target_name), target_name)
