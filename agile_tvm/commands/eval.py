@@ -46,10 +46,7 @@ def _load_evaluator(args) -> dict:
     path = Path(args.model).expanduser()
     is_quantized = (path / "agile_quant.json").is_file()
     if args.backend == "tvm":
-        from agile_tvm.runtime import load_for_eval
-
-        return load_for_eval(str(path) if path.exists() else args.model, target=args.target,
-                             max_seq_len=args.seq_len)
+        return _tvm_evaluator(path, args.seq_len)
     if is_quantized:
         from agile_tvm.quant.checkpoint import load_quantized
 
@@ -67,6 +64,32 @@ def _load_evaluator(args) -> dict:
     _check_seq_len(loaded.model.config, args.seq_len)
     return {"forward": hf_forward_fn(loaded.model), "tokenizer": loaded.tokenizer, "name": loaded.name,
             "config": "fp"}
+
+
+def _tvm_evaluator(path: Path, seq_len: int) -> dict:
+    """The exported module through the TVM runtime; its tokenizer.json gives the same ids as the source model's."""
+    import torch
+
+    from agile_tvm.runtime import load_module
+
+    if not path.is_dir():
+        raise UserError(f"--backend tvm needs an exported module folder (from `agile-tvm export`), not '{path}'")
+    lm = load_module(path)
+    if seq_len > lm.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds the module's compiled maximum of {lm.max_seq_len}: "
+                        f"use --seq-len <= {lm.max_seq_len} or export again with --max-seq-len {seq_len}")
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+
+    def forward(ids):
+        return torch.from_numpy(lm.forward_logits(ids.numpy()))
+
+    manifest = lm.manifest
+    return {"forward": forward, "tokenizer": tokenizer, "name": manifest.get("model", path.name),
+            "config": manifest.get("config", "?"), "calib_corpus": manifest.get("calib_corpus")}
 
 
 def _check_seq_len(config, seq_len: int) -> None:

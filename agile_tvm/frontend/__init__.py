@@ -1,0 +1,61 @@
+"""Relax frontend: a quantized checkpoint (docs/checkpoint.md) becomes a Relax IRModule with prefill/decode functions.
+
+    from agile_tvm.frontend import build_module
+    mod, weights, meta = build_module("ckpt_dir", max_seq_len=2048)
+
+`mod` has `forward_all` (all logits, no cache), `prefill` and `decode` (KV cache, last-token logits) and
+`create_kv_cache`
+(see `graph.py`); `weights` is the ordered dict of numpy arrays the functions take after their inputs, already in
+the kernels' layout; `meta` is the JSON-able model description the runtime needs.
+"""
+
+from __future__ import annotations
+
+ARCHS = ("llama", "opt", "bloom")
+
+
+def model_class(arch: str):
+    from agile_tvm.errors import UserError
+
+    if arch == "llama":
+        from agile_tvm.frontend.llama import Llama
+
+        return Llama
+    if arch == "opt":
+        from agile_tvm.frontend.opt import Opt
+
+        return Opt
+    if arch == "bloom":
+        from agile_tvm.frontend.bloom import Bloom
+
+        return Bloom
+    raise UserError(f"architecture {arch!r} is not supported by the TVM frontend: use one of {', '.join(ARCHS)}")
+
+
+def build_module(ckpt, max_seq_len: int | None = None, target=None):
+    """(IRModule, weights: dict[str, np.ndarray], meta: dict) for a checkpoint folder or a loaded Checkpoint."""
+    from agile_tvm.errors import UserError
+    from agile_tvm.frontend.checkpoint import Checkpoint, load_checkpoint
+    from agile_tvm.frontend.graph import GraphBuilder
+
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt)
+    if (ckpt.manifest.get("pruning") or {}).get("layers"):
+        raise UserError(f"{ckpt.path} prunes tokens (pruning.layers = {ckpt.manifest['pruning']['layers']}); "
+                        "the compiled prefill does not prune yet: quantize without pruning (beta 0) to export it")
+    model = model_class(ckpt.arch)(ckpt.config)
+    limit = int(ckpt.config.get("max_position_embeddings") or ckpt.config.get("seq_length") or 2048)
+    max_seq_len = int(max_seq_len or min(limit, 2048))
+    g = GraphBuilder(ckpt, max_seq_len, target=target)
+    mod = g.build(model)
+    meta = {
+        "arch": ckpt.arch,
+        "scheme": ckpt.scheme,
+        "source_model": ckpt.manifest.get("source_model"),
+        "max_seq_len": max_seq_len,
+        "num_layers": model.num_layers,
+        "vocab_size": model.vocab,
+        "kv_dtype": model.kv_dtype(ckpt),
+        "weights": list(g.weights.arrays),
+    }
+    return mod, g.weights.arrays, meta

@@ -1,0 +1,111 @@
+"""Read a quantized checkpoint (docs/checkpoint.md, format `agile-tvm-qckpt` v1) into plain numpy arrays.
+
+The frontend reads the files directly rather than through the PyTorch reference model: the contract is the files,
+and this keeps export free of torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agile_tvm.errors import UserError
+
+FORMAT = "agile-tvm-qckpt"
+
+
+@dataclass
+class Checkpoint:
+    """A quantized checkpoint: manifest, HF config and every tensor as numpy."""
+
+    path: Path
+    manifest: dict
+    config: dict
+    tensors: dict[str, np.ndarray] = field(repr=False)
+
+    @property
+    def arch(self) -> str:
+        return self.manifest["arch"]
+
+    @property
+    def scheme(self) -> str:
+        return self.manifest.get("scheme", {}).get("name", "fp")
+
+    @property
+    def linears(self) -> dict:
+        return self.manifest.get("linears", {}) or {}
+
+    @property
+    def attention(self) -> dict:
+        return self.manifest.get("attention", {}) or {}
+
+    def tensor(self, name: str) -> np.ndarray:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise UserError(
+                f"checkpoint {self.path} has no tensor {name!r}: re-run `agile-tvm quantize` to rewrite it"
+            ) from None
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """Load DIR/agile_quant.json, DIR/config.json and DIR/model.safetensors; a clear error for anything missing."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"checkpoint folder {path} does not exist: pass the output folder of `agile-tvm quantize`")
+    manifest_path = path / "agile_quant.json"
+    if not manifest_path.exists():
+        raise UserError(
+            f"{path} is not an agile-tvm checkpoint (no agile_quant.json): quantize it first with `agile-tvm quantize`"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) != 1:
+        raise UserError(f"{manifest_path} has format {manifest.get('format')!r} v{manifest.get('version')}; "
+                        f"this frontend reads {FORMAT} v1")
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise UserError(f"{path} has no config.json: the checkpoint is incomplete, re-run `agile-tvm quantize`")
+    config = json.loads(config_path.read_text())
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path} has no model.safetensors: the checkpoint is incomplete, re-run `agile-tvm quantize`")
+    tensors: dict[str, np.ndarray] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return Checkpoint(path=path, manifest=manifest, config=config, tensors=tensors)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [N, K/2] nibbles (low nibble = even k) -> int8 [N, K] signed codes in [-8, 7]."""
+    lo = (packed & 0xF).astype(np.int16)
+    hi = (packed >> 4).astype(np.int16)
+    lo = np.where(lo >= 8, lo - 16, lo)
+    hi = np.where(hi >= 8, hi - 16, hi)
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int8)
+    out[:, 0::2] = lo
+    out[:, 1::2] = hi
+    return out
+
+
+def weight_codes(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """The signed weight codes q [N, K] (int8) and zero points wzero [N, G] of a quantized linear."""
+    info = ckpt.linears[prefix]
+    qweight = ckpt.tensor(prefix + ".qweight")
+    q = unpack_int4(qweight) if int(info.get("w_bits", 4)) == 4 else qweight.astype(np.int8)
+    q = q[:, : int(info["in"])] if q.shape[1] > int(info["in"]) else q
+    return q, ckpt.tensor(prefix + ".wzero").astype(np.int8)
+
+
+def dequantized_weight(ckpt: Checkpoint, prefix: str) -> np.ndarray:
+    """W = wscale * (q - wzero), float32 [N, K] (used for w4a16 linears whose input stays float)."""
+    q, wzero = weight_codes(ckpt, prefix)
+    wscale = ckpt.tensor(prefix + ".wscale").astype(np.float32)
+    groups = wscale.shape[1]
+    g = q.shape[1] // groups
+    zq = q.astype(np.float32) - np.repeat(wzero.astype(np.float32), g, axis=1)
+    return (np.repeat(wscale, g, axis=1) * zq).astype(np.float32)

@@ -1,0 +1,380 @@
+"""Relax graph building blocks shared by the LLaMA, OPT and BLOOM builders.
+
+`GraphBuilder` wraps a `relax.BlockBuilder` with the pieces every decoder needs: weights as function parameters
+(registered once, in a fixed order, so every compiled function takes the same weight list), quantized or float
+linears via call_tir, norms, RoPE, and attention with an optional KV cache.
+
+Design (after MLC-LLM's LLaMA, simplified to batch 1):
+- `forward_all(ids[1, n], pos[n], *weights) -> logits[1, n, V]`: no cache; used for perplexity.
+- `prefill(ids[1, n], pos[n], caches, *weights) -> logits[1, 1, V]`: appends this chunk's K/V to the caches
+  (TVM's `vm.builtin.attention_kv_cache_*` objects, mutated in place) and attends over everything cached;
+  `decode` is the same graph with n = 1 static, so the kernels' GEMV schedules apply.
+- `create_kv_cache() -> caches`: one K and one V cache per layer, int8 (k8/v8 per the contract) when the checkpoint
+  quantizes attention, float32 otherwise.
+`pos` holds the absolute positions of the n tokens (the runtime passes arange(past, past + n)); RoPE, OPT's learned
+positions and the causal mask read it, so no shape arithmetic is needed in the graph.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+from tvm import relax, tirx
+
+from agile_tvm.errors import UserError
+from agile_tvm.frontend import tir_ops
+from agile_tvm.frontend.checkpoint import Checkpoint, dequantized_weight, weight_codes
+
+R = relax.op
+
+
+class WeightTable:
+    """Named weight arrays in registration order; each Relax function gets its own Var per weight."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+        self._vars: dict[str, relax.Var] = {}
+
+    def begin_function(self):
+        self._vars = {}
+
+    def var(self, name: str, array: np.ndarray | None = None) -> relax.Var:
+        if name not in self.arrays:
+            if array is None:
+                raise KeyError(name)
+            self.arrays[name] = np.array(array, order="C", copy=True)  # ascontiguousarray would make 0-d 1-d
+        if name not in self._vars:
+            arr = self.arrays[name]
+            self._vars[name] = relax.Var(name.replace(".", "_"), relax.TensorType(list(arr.shape), str(arr.dtype)))
+        return self._vars[name]
+
+    def function_params(self) -> list[relax.Var]:
+        """Every weight's Var in registration order (unused ones too, so all functions share one signature)."""
+        return [self.var(name) for name in self.arrays]
+
+
+def kernels_module(target):
+    """`agile_tvm.kernels` when compiling for a named target and it is usable; None: the frontend's own loops.
+
+    AGILE_TVM_FRONTEND_KERNELS=own forces the frontend's loops (to compare the two).
+    """
+    if target is None or os.environ.get("AGILE_TVM_FRONTEND_KERNELS", "auto") == "own":
+        return None
+    try:
+        import agile_tvm.kernels as kernels
+        from agile_tvm.kernels import fp32
+
+        names = ("w4a8_linear_func", "w8a8_linear_func", "quantize_act_func", "pack_w4a8_weights",
+                 "pack_w8a8_weights")
+        found = {name: getattr(kernels, name) for name in names}
+        found.update(fp32_linear_func=fp32.fp32_linear_func, pack_fp32_weights=fp32.pack_fp32_weights)
+        return SimpleNamespace(**found)
+    except (ImportError, AttributeError):
+        return None
+
+
+class GraphBuilder:
+    """Emits one decoder's Relax functions from a checkpoint."""
+
+    def __init__(self, ckpt: Checkpoint, max_seq_len: int, target=None):
+        self.ckpt = ckpt
+        self.target = target
+        self.kernels = kernels_module(target)
+        self.bb = relax.BlockBuilder()
+        self.weights = WeightTable()
+        self.max_seq_len = int(max_seq_len)
+        self._funcs: dict[str, relax.GlobalVar] = {}
+        self._act_cache: dict = {}
+        self.n = None
+        self.taps: list | None = None  # debugging: forward_all also returns these tensors when set to []
+
+    # ---- infrastructure -------------------------------------------------------------------------------------
+    def tir(self, key: str, func) -> relax.GlobalVar:
+        """Add a kernel once; marked opaque (op_pattern 8) so FuseOps never merges it with a neighbouring reshape
+        (FuseTIR cannot map a kernel's buffer onto a reshaped view) and its schedule stays as written."""
+        if key not in self._funcs:
+            self._funcs[key] = self.bb.add_func(func.with_attr("op_pattern", 8), key)
+        return self._funcs[key]
+
+    def emit(self, expr, name: str | None = None):
+        return self.bb.emit(expr, name_hint=name or "")
+
+    def w(self, name: str, array: np.ndarray | None = None) -> relax.Var:
+        """The Var of a stored weight; loads it from the checkpoint (float32) unless `array` is given."""
+        if array is None and name not in self.weights.arrays:
+            array = self.ckpt.tensor(name)
+        return self.weights.var(name, array)
+
+    def scalar(self, name: str, value, dtype: str) -> relax.Var:
+        return self.w(name, np.asarray(value, dtype=dtype).reshape(1))
+
+    def has(self, name: str) -> bool:
+        return name in self.ckpt.tensors
+
+    # ---- layers -----------------------------------------------------------------------------------------------
+    def linear(self, x, prefix: str, k: int, n_out: int, weight_name: str | None = None):
+        """y [n, N] = linear(x [n, K]): W4A8 integer kernel, W4A16 float, or a float linear not in `linears`."""
+        n = self.n
+        info = self.ckpt.linears.get(prefix)
+        if info is None:
+            bias = prefix + ".bias" if self.has(prefix + ".bias") else None
+            return self.float_linear(x, k, n_out, weight_name or prefix + ".weight", bias)
+        has_bias = bool(info.get("bias")) or self.has(prefix + ".bias")
+        a_bits = int(info.get("a_bits", 8))
+        if a_bits == 0:
+            bias = prefix + ".bias" if has_bias else None
+            return self.float_linear(x, k, n_out, prefix + ".dequant_weight", bias,
+                                     array=dequantized_weight(self.ckpt, prefix))
+        if self.kernels is not None:
+            y = self._kernel_linear(x, prefix, k, n_out, info, a_bits, has_bias)
+            if y is not None:
+                return y
+        xq, zp, s = self.quantize_act(x, prefix, k, a_bits)
+        q, wzero = weight_codes(self.ckpt, prefix)
+        groups = wzero.shape[1]
+        g = k // groups
+        wq = q.astype(np.int16) - np.repeat(wzero.astype(np.int16), g, axis=1)
+        wdtype = "int8" if wq.min() >= -128 and wq.max() <= 127 else "int16"
+        w = self.w(prefix + ".wq", wq.astype(wdtype))
+        ws = self.w(prefix + ".wscale")
+        args = [xq, zp, s, w, ws] + ([self.w(prefix + ".bias")] if has_bias else [])
+        gv = self.tir(
+            f"linear_a{a_bits}_{wdtype}_{k}x{n_out}_g{groups}{'_b' if has_bias else ''}",
+            tir_ops.linear_int(k, n_out, groups, has_bias, wdtype),
+        )
+        return self.emit(relax.call_tir(gv, args, relax.TensorType([n, n_out], "float32")))
+
+    def _kernel_linear(self, x, prefix: str, k: int, n_out: int, info: dict, a_bits: int, has_bias: bool):
+        """The tuned W4A8/W8A8 kernel of `agile_tvm.kernels` (weights packed to its layout); None if it declines."""
+        kern = self.kernels
+        w_bits = int(info.get("w_bits", 4))
+        wzero = self.ckpt.tensor(prefix + ".wzero")
+        groups = wzero.shape[1]
+        m = 1 if isinstance(self.n, int) else None
+        try:
+            pack = kern.pack_w4a8_weights if w_bits == 4 else kern.pack_w8a8_weights
+            make = kern.w4a8_linear_func if w_bits == 4 else kern.w8a8_linear_func
+            key = f"k_linear_w{w_bits}_{k}x{n_out}_g{groups}{'_b' if has_bias else ''}{'_m1' if m else ''}"
+            if key not in self._funcs:
+                func = make(n_out, k, self.target, group_size=k // groups, has_bias=has_bias, m=m)
+                self.tir(key, func.without_attr("global_symbol"))
+            if prefix + ".wpack" not in self.weights.arrays:
+                packed = pack(self.ckpt.tensor(prefix + ".qweight"), wzero, self.target)
+                self.weights.var(prefix + ".wpack", packed["wpack"])
+                self.weights.var(prefix + ".wsum", packed["wsum"])
+        except UserError:
+            return None
+        xq = self._kernel_quantize_act(x, prefix, k, a_bits)
+        scale = self.w(prefix + ".act_scale0", np.asarray(self.ckpt.tensor(prefix + ".act_scale"), np.float32).reshape(()))
+        zero = self.w(prefix + ".act_zero0", np.asarray(self.ckpt.tensor(prefix + ".act_zero"), np.int32).reshape(()))
+        args = [xq, self.w(prefix + ".wpack"), self.w(prefix + ".wsum"), self.w(prefix + ".wscale"), scale, zero]
+        if has_bias:
+            args.append(self.w(prefix + ".bias"))
+        return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, n_out], "float32")))
+
+    def _kernel_quantize_act(self, x, prefix: str, k: int, bits: int):
+        scale = np.asarray(self.ckpt.tensor(prefix + ".act_scale"), np.float32).reshape(())
+        zero = np.asarray(self.ckpt.tensor(prefix + ".act_zero"), np.int32).reshape(())
+        shift = self.ckpt.tensors.get(prefix + ".act_shift")
+        shift = np.zeros(k, np.uint8) if shift is None else shift.astype(np.uint8).reshape(k)
+        cache_key = ("k", id(x), bits, scale.tobytes(), zero.tobytes(), shift.tobytes())
+        if cache_key in self._act_cache:
+            return self._act_cache[cache_key][0]
+        m = 1 if isinstance(self.n, int) else None
+        key = f"k_quantize_act_{k}_a{bits}{'_m1' if m else ''}"
+        if key not in self._funcs:
+            self.tir(key, self.kernels.quantize_act_func(k, bits, self.target, m=m).without_attr("global_symbol"))
+        args = [x, self.w(prefix + ".act_scale0", scale), self.w(prefix + ".act_zero0", zero),
+                self.w(prefix + ".act_shift", shift)]
+        xq = self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, k], "uint8")))
+        self._act_cache[cache_key] = (xq, x)  # x kept alive: its id() must not be recycled while cached
+        return xq
+
+    def float_linear(self, x, k: int, n_out: int, weight_name: str, bias_name: str | None, array=None):
+        """y = x @ W.T (+ b): the kernels' packed FP32 GEMM when available, else the frontend's loop."""
+        n = self.n
+        if self.kernels is not None:
+            m = 1 if isinstance(n, int) else None
+            key = f"k_fp32_{k}x{n_out}{'_b' if bias_name else ''}{'_m1' if m else ''}"
+            if key not in self._funcs:
+                self.tir(key, self.kernels.fp32_linear_func(n_out, k, self.target, has_bias=bool(bias_name),
+                                                            m=m).without_attr("global_symbol"))
+            packed_name = weight_name + ".fp32pack"
+            if packed_name not in self.weights.arrays:
+                w = array if array is not None else self.ckpt.tensor(weight_name)
+                self.weights.var(packed_name, self.kernels.pack_fp32_weights(w, self.target))
+            args = [x, self.w(packed_name)] + ([self.w(bias_name)] if bias_name else [])
+            return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([n, n_out], "float32")))
+        w = self.w(weight_name, array)
+        args = [x, w] + ([self.w(bias_name)] if bias_name else [])
+        gv = self.tir(f"linear_f32_{k}x{n_out}{'_b' if bias_name else ''}",
+                      tir_ops.linear_float(k, n_out, bool(bias_name)))
+        return self.emit(relax.call_tir(gv, args, relax.TensorType([n, n_out], "float32")))
+
+    def quantize_act(self, x, prefix: str, k: int, bits: int):
+        """uint8 codes of x for linear `prefix`; linears reading the same x with identical parameters share them."""
+        scale = np.asarray(self.ckpt.tensor(prefix + ".act_scale"), np.float32).reshape(1)
+        zero = np.asarray(self.ckpt.tensor(prefix + ".act_zero"), np.int32).reshape(1)
+        shift = self.ckpt.tensors.get(prefix + ".act_shift")
+        shift = np.zeros(k, np.uint8) if shift is None else shift.astype(np.uint8).reshape(k)
+        key = (id(x), bits, scale.tobytes(), zero.tobytes(), shift.tobytes())
+        if key in self._act_cache:
+            return self._act_cache[key][:3]
+        s = self.w(prefix + ".act_scale", scale)
+        zp = self.w(prefix + ".act_zero", zero)
+        sh = self.w(prefix + ".act_shift", shift)
+        gv = self.tir(f"act_quant_{k}_a{bits}", tir_ops.act_quant(k, bits))
+        xq = self.emit(relax.call_tir(gv, [x, s, zp, sh], relax.TensorType([self.n, k], "uint8")))
+        self._act_cache[key] = (xq, zp, s, x)  # x kept alive: its id() must not be recycled while cached
+        return xq, zp, s
+
+    def rms_norm(self, x, weight: str, eps: float):
+        return self.emit(R.nn.rms_norm(x, self.w(weight), axes=[-1], epsilon=eps))
+
+    def layer_norm(self, x, prefix: str, eps: float):
+        return self.emit(R.nn.layer_norm(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"), axes=[-1],
+                                         epsilon=eps))
+
+    def head_weight(self, embed_name: str, head_name: str = "lm_head.weight") -> tuple[str, bool]:
+        """(name of the LM head weight, whether it is tied to the embedding): a stored head equal to the
+        embedding counts as tied, so the table is stored once."""
+        if not self.has(head_name):
+            return embed_name, True
+        if np.array_equal(self.ckpt.tensor(head_name), self.ckpt.tensor(embed_name)):
+            return embed_name, True
+        return head_name, False
+
+    def embed(self, ids_flat, weight: str, tied_head: bool = False):
+        """Token embedding; with a tied LM head and the kernels' packed FP32 head, read the packed table."""
+        if tied_head and self.kernels is not None:
+            table = self.ckpt.tensor(weight)
+            packed_name = weight + ".fp32pack"
+            if packed_name not in self.weights.arrays:
+                self.weights.var(packed_name, self.kernels.pack_fp32_weights(table, self.target))
+            blocks, hidden, nb = self.weights.arrays[packed_name].shape
+            gv = self.tir(f"embed_packed_{blocks}_{hidden}_{nb}", tir_ops.embed_packed(blocks, hidden, nb))
+            return self.emit(relax.call_tir(gv, [ids_flat, self.w(packed_name)],
+                                            relax.TensorType([self.n, hidden], "float32")))
+        return self.emit(R.take(self.w(weight), ids_flat, axis=0))
+
+    def rope(self, x, cos, sin, heads: int, head_dim: int):
+        """HF LLaMA RoPE (rotate_half layout): x * cos + rotate_half(x) * sin, x [n, H, D], cos/sin [n, 1, D]."""
+        half = head_dim // 2
+        x1 = self.emit(R.strided_slice(x, axes=[2], begin=[0], end=[half]))
+        x2 = self.emit(R.strided_slice(x, axes=[2], begin=[half], end=[head_dim]))
+        rot = self.emit(R.concat([R.negative(x2), x1], axis=2))
+        return self.emit(R.add(R.multiply(x, cos), R.multiply(rot, sin)))
+
+    def attention(self, q, k, v, layer_prefix: str, heads: int, kv_heads: int, head_dim: int, cache=None,
+                  slopes: np.ndarray | None = None):
+        """Causal attention; k/v are this chunk's [n, KVH, D] float32. Returns ([n, H*D], updated caches)."""
+        n = self.n
+        quant = layer_prefix in self.ckpt.attention
+        if quant:
+            info = self.ckpt.attention[layer_prefix]
+            if int(info.get("qk_bits", 8)) != 8 or int(info.get("v_bits", 8)) != 8:
+                raise UserError(f"{layer_prefix}: only 8-bit Q/K/V attention is supported by the frontend")
+            bits = int(info.get("softmax_bits", 4))
+            scales = np.array([float(self.ckpt.tensor(layer_prefix + s)) for s in (".q_scale", ".k_scale", ".v_scale")],
+                              np.float32)
+            sc = self.w(layer_prefix + ".qkv_scale", scales)
+            c = kv_heads * head_dim
+            gv = self.tir(f"quant_sym_int8_{c}", tir_ops.quant_sym_int8(c))
+            ks = self.w(layer_prefix + ".k_scale1", scales[1:2])
+            vs = self.w(layer_prefix + ".v_scale1", scales[2:3])
+            k2 = self.emit(R.reshape(k, [n, c]))
+            v2 = self.emit(R.reshape(v, [n, c]))
+            k = self.emit(R.reshape(self.emit(relax.call_tir(gv, [k2, ks], relax.TensorType([n, c], "int8"))),
+                                    [n, kv_heads, head_dim]))
+            v = self.emit(R.reshape(self.emit(relax.call_tir(gv, [v2, vs], relax.TensorType([n, c], "int8"))),
+                                    [n, kv_heads, head_dim]))
+            kv_dtype = "int8"
+        else:
+            bits = 4
+            sc = self.w("attn_unit_scale", np.ones(3, np.float32))
+            kv_dtype = "float32"
+        new_cache = None
+        if cache is not None:
+            kc, vc = cache
+            kc = self.emit(R.call_inplace_packed("vm.builtin.attention_kv_cache_append", kc, k, inplace_indices=[0],
+                                                 ty_args=[relax.ObjectType()]))
+            vc = self.emit(R.call_inplace_packed("vm.builtin.attention_kv_cache_append", vc, v, inplace_indices=[0],
+                                                 ty_args=[relax.ObjectType()]))
+            m = tirx.Var("m", "int64")
+            kall = self.emit(R.call_pure_packed("vm.builtin.attention_kv_cache_view", kc,
+                                                ty_args=[relax.TensorType(ndim=3, dtype=kv_dtype)]))
+            vall = self.emit(R.call_pure_packed("vm.builtin.attention_kv_cache_view", vc,
+                                                ty_args=[relax.TensorType(ndim=3, dtype=kv_dtype)]))
+            k = self.bb.match_cast(kall, relax.TensorType([m, kv_heads, head_dim], kv_dtype))
+            v = self.bb.match_cast(vall, relax.TensorType([m, kv_heads, head_dim], kv_dtype))
+            new_cache = (kc, vc)
+        alibi = slopes is not None
+        sl = self.w("alibi_slopes" if alibi else "no_alibi", slopes if alibi else np.zeros(heads, np.float32))
+        make = tir_ops.attention_rows if head_dim % 8 == 0 else tir_ops.attention
+        gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}",
+                      make(heads, kv_heads, head_dim, kv_dtype, bits, alibi))
+        out = self.emit(relax.call_tir(gv, [q, k, v, sc, sl], relax.TensorType([n, heads, head_dim], "float32")))
+        return self.emit(R.reshape(out, [n, heads * head_dim])), new_cache
+
+    def lm_head(self, x, hidden: int, vocab: int, weight: str, last_only: bool):
+        """Float LM head; with `last_only` only the last row (prefill/decode need just the next token)."""
+        if last_only:
+            if not isinstance(self.n, int) or self.n != 1:
+                x = self.emit(R.strided_slice(x, axes=[0], begin=[self.n - 1], end=[self.n]))
+            n_saved, self.n = self.n, 1
+            try:
+                y = self.float_linear(x, hidden, vocab, weight, None)
+            finally:
+                self.n = n_saved
+            return self.emit(R.reshape(y, [1, 1, vocab]))
+        y = self.float_linear(x, hidden, vocab, weight, None)
+        return self.emit(R.reshape(y, [1, self.n, vocab]))
+
+    # ---- functions ----------------------------------------------------------------------------------------------
+    def build(self, model) -> relax.IRModule:
+        """Emit forward_all, forward and create_kv_cache for `model` (an architecture builder)."""
+        for name, cached, static_n in (("forward_all", False, None), ("prefill", True, None), ("decode", True, 1)):
+            self.weights.begin_function()
+            self._act_cache = {}
+            n = tirx.Var("n", "int64") if static_n is None else static_n
+            self.n = n
+            ids = relax.Var("ids", relax.TensorType([1, n], "int32"))
+            pos = relax.Var("pos", relax.TensorType([n], "int32"))
+            inputs = [ids, pos]
+            caches = None
+            if cached:
+                caches = relax.Var("caches", relax.TupleType([relax.ObjectType()] * (2 * model.num_layers)))
+                inputs.append(caches)
+            with self.bb.function(name):
+                # one dataflow block: Relax only fuses elementwise ops and turns reshapes into views inside one
+                with self.bb.dataflow():
+                    ids_flat = self.emit(R.reshape(ids, [n]))
+                    cache_pairs = None
+                    if cached:
+                        cache_pairs = [(self.emit(relax.TupleGetItem(caches, 2 * i)),
+                                        self.emit(relax.TupleGetItem(caches, 2 * i + 1)))
+                                       for i in range(model.num_layers)]
+                    logits, _ = model.emit(self, ids_flat, pos, cache_pairs, last_only=cached)
+                    # The caches are appended in place (mutable runtime objects), so only logits are returned: a
+                    # returned tuple would come back over RPC as an opaque handle the client cannot index.
+                    out = logits
+                    if self.taps and not cached:
+                        out = relax.Tuple([logits, *self.taps])
+                    out = self.bb.emit_output(out)
+                self.taps = [] if self.taps is not None else None
+                self.bb.emit_func_output(out, params=inputs + self.weights.function_params())
+        self.weights.begin_function()
+        with self.bb.function("create_kv_cache", params=[]):
+            shape = [self.max_seq_len, model.num_kv_heads, model.head_dim]
+            kv_dtype = model.kv_dtype(self.ckpt)
+            items = []
+            # reserve max_seq_len rows; the one-row init tensor is discarded at once (fill count 0)
+            init = self.emit(R.zeros(relax.ShapeExpr([1, *shape[1:]]), kv_dtype))
+            for _ in range(2 * model.num_layers):
+                items.append(self.emit(R.call_pure_packed(
+                    "vm.builtin.attention_kv_cache_create", init, relax.ShapeExpr(shape), relax.prim_value(0),
+                    ty_args=[relax.ObjectType()])))
+            self.bb.emit_func_output(relax.Tuple(items))
+        return self.bb.get()

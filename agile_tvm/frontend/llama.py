@@ -1,0 +1,80 @@
+"""LLaMA decoder (GQA, RoPE, SwiGLU, RMSNorm, tied or separate LM head) as Relax, from a quantized checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from agile_tvm.frontend import tir_ops
+from agile_tvm.frontend.graph import R, GraphBuilder
+
+
+def rope_tables(head_dim: int, theta: float, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_len, head_dim] as HF LLaMA computes them (float32 inv_freq, cat(freqs, freqs))."""
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))).astype(
+        np.float32)
+    freqs = np.arange(max_len, dtype=np.float32)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=1).astype(np.float32)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+class Llama:
+    def __init__(self, config: dict):
+        self.config = config
+        self.hidden = int(config["hidden_size"])
+        self.num_layers = int(config["num_hidden_layers"])
+        self.heads = int(config["num_attention_heads"])
+        self.num_kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.head_dim = int(config.get("head_dim") or self.hidden // self.heads)
+        self.inter = int(config["intermediate_size"])
+        self.vocab = int(config["vocab_size"])
+        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` / `rope_scaling`
+        rp = config.get("rope_parameters") or {}
+        self.theta = float(rp.get("rope_theta", config.get("rope_theta", 10000.0)))
+        rs = config.get("rope_scaling") or (rp if rp.get("rope_type") not in (None, "default") else None)
+        if rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            from agile_tvm.errors import UserError
+
+            raise UserError(f"rope_scaling {rs} is not supported by the frontend (only default RoPE)")
+
+    def kv_dtype(self, ckpt) -> str:
+        return "int8" if ckpt.attention else "float32"
+
+    def emit(self, g: GraphBuilder, ids, pos, caches, last_only: bool):
+        n = g.n
+        H, KVH, D = self.heads, self.num_kv_heads, self.head_dim
+        cos_t, sin_t = rope_tables(D, self.theta, g.max_seq_len)
+        cos = g.emit(R.reshape(R.take(g.w("rope.cos", cos_t), pos, axis=0), [n, 1, D]))
+        sin = g.emit(R.reshape(R.take(g.w("rope.sin", sin_t), pos, axis=0), [n, 1, D]))
+        head, tied = g.head_weight("model.embed_tokens.weight")
+        x = g.embed(ids, "model.embed_tokens.weight", tied_head=tied)
+        new_caches = []
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}"
+            h = g.rms_norm(x, f"{p}.input_layernorm.weight", self.eps)
+            q = g.linear(h, f"{p}.self_attn.q_proj", self.hidden, H * D)
+            k = g.linear(h, f"{p}.self_attn.k_proj", self.hidden, KVH * D)
+            v = g.linear(h, f"{p}.self_attn.v_proj", self.hidden, KVH * D)
+            q = g.rope(g.emit(R.reshape(q, [n, H, D])), cos, sin, H, D)
+            k = g.rope(g.emit(R.reshape(k, [n, KVH, D])), cos, sin, KVH, D)
+            v = g.emit(R.reshape(v, [n, KVH, D]))
+            attn, cache = g.attention(q, k, v, f"{p}.self_attn", H, KVH, D, caches[i] if caches else None)
+            new_caches.append(cache)
+            o = g.linear(attn, f"{p}.self_attn.o_proj", H * D, self.hidden)
+            x = g.emit(R.add(x, o))
+            h = g.rms_norm(x, f"{p}.post_attention_layernorm.weight", self.eps)
+            gate = g.linear(h, f"{p}.mlp.gate_proj", self.hidden, self.inter)
+            up = g.linear(h, f"{p}.mlp.up_proj", self.hidden, self.inter)
+            if self.inter % 8 == 0:
+                gv = g.tir(f"swiglu_{self.inter}", tir_ops.swiglu(self.inter))
+                act = g.emit(relax.call_tir(gv, [gate, up], relax.TensorType([n, self.inter], "float32")))
+            else:
+                act = g.emit(R.multiply(R.nn.silu(gate), up))
+            down = g.linear(act, f"{p}.mlp.down_proj", self.inter, self.hidden)
+            x = g.emit(R.add(x, down))
+            if g.taps is not None:
+                g.taps += [h, attn, x]
+        x = g.rms_norm(x, "model.norm.weight", self.eps)
+        return g.lm_head(x, self.hidden, self.vocab, head, last_only), new_caches
+

@@ -1,0 +1,227 @@
+"""The elementary quantizers: uniform weights, uniform/TRIP activations, log2 softmax, symmetric attention tensors.
+
+Everything here is plain tensor math on float tensors and integer codes, written to the rounding rules of
+docs/checkpoint.md, so the TVM kernels can be checked against it:
+
+- weights: signed codes, `W = scale * (q - zero)`; 4-bit codes in [-8, 7], 8-bit in [-127, 127]; zero points live
+  in the same signed domain (0 when symmetric); granularity per tensor, per output channel, or per group of g inputs.
+  Weight rounding is round-half-to-even (`torch.round`), as GPTQ does; only the stored codes matter downstream.
+- activations: unsigned codes, `xq = clip(floor(x * r * 2^-alpha_c + 0.5) + zp, 0, 2^b - 1)` with `r = 1/scale`
+  in float32 and a per-channel power-of-two exponent alpha_c (TRIP; all 0 for plain per-tensor quantization).
+- log2 softmax (paper eq. 3 as the contract fixes it): per query row, `c = clip(floor(-log2(p / pmax) + 0.5), 0,
+  2^b - 1)`, the top code meaning "dropped" (0), dequantized `pmax * 2^-c`.
+- symmetric per-tensor INT8 for Q, K, V: `clip(floor(x / s + 0.5), -127, 127)`.
+
+TRIP search (paper eq. 5-8): one layer-wise scale/zero point shared by all channels plus alpha_c in {0..K} per
+channel. The paper leaves the search open; here: candidate shared ranges are the calibration range divided by 2^t
+(t in quarter steps up to K); for each, every channel takes the alpha that just fits its calibration range, or the
+next one, whichever has the lower L2 error; the candidate with the lowest total L2 error wins. Calibration
+extremes are never clipped (measured: clipping them, L2-optimal on the calibration set, doubled W8A8 perplexity on
+SmolLM2), and an optional `margin` widens the final range for inputs beyond the calibration extremes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from agile_tvm.errors import UserError
+
+SUPPORTED_BITS = (4, 8)
+
+
+def check_bits(bits: int, what: str) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise UserError(f"{what} bits must be 4 or 8, got {bits}: choose --w-bits/--a-bits 4 or 8")
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def weight_qrange(bits: int) -> tuple[int, int]:
+    """Signed code range of a `bits`-bit weight: 4 -> [-8, 7]; 8 -> [-127, 127] (keeps -x representable)."""
+    return (-8, 7) if bits == 4 else (-127, 127)
+
+
+def weight_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and signed zero point for each row of `w` [R, C] (min/max, the range always containing 0)."""
+    qmin, qmax = weight_qrange(bits)
+    w = w.float()
+    if symmetric:
+        amax = w.abs().amax(dim=1).clamp(min=1e-8)
+        scale = amax / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo = w.amin(dim=1).clamp(max=0)
+        hi = w.amax(dim=1).clamp(min=0)
+        span = (hi - lo).clamp(min=1e-8)
+        scale = span / (qmax - qmin)
+        zero = (torch.round(-lo / scale) + qmin).clamp(qmin, qmax)
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes of `w` [R, C] with per-row `scale`, `zero` [R] (float tensor holding integers)."""
+    qmin, qmax = weight_qrange(bits)
+    return (torch.round(w / scale[:, None]) + zero[:, None]).clamp(qmin, qmax)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`W[n, k] = scale[n, k // g] * (q[n, k] - zero[n, k // g])` (the contract's weight dequantization)."""
+    s = scale.repeat_interleave(group_size, dim=1)
+    z = zero.to(torch.float32).repeat_interleave(group_size, dim=1)
+    return s * (q.to(torch.float32) - z)
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Round-to-nearest: returns (codes [N, K], scale [N, G], zero [N, G]) for groups of `group_size` inputs."""
+    n, k = w.shape
+    g = resolve_group_size(group_size, k)
+    wg = w.float().reshape(n, k // g, g).reshape(-1, g)
+    scale, zero = weight_params(wg, bits, symmetric)
+    q = quantize_weight(wg, scale, zero, bits).reshape(n, k)
+    return q, scale.reshape(n, k // g), zero.reshape(n, k // g)
+
+
+def resolve_group_size(group_size: int, k: int) -> int:
+    """-1 (or 0) means one group per output channel; otherwise g must divide K."""
+    g = k if group_size in (-1, 0) or group_size >= k else group_size
+    if k % g:
+        raise UserError(f"group size {group_size} does not divide the input size {k}: use a divisor of {k} or -1")
+    return g
+
+
+# ------------------------------------------------------------------------------------------- activations
+@dataclass
+class ActParams:
+    """Static activation quantization of one linear input: layer-wise scale/zero point and TRIP exponents."""
+
+    scale: torch.Tensor  # float32 []
+    zero: torch.Tensor  # int32 []
+    shift: torch.Tensor  # uint8 [K]
+    bits: int
+
+
+def quantize_act(x: torch.Tensor, p: ActParams) -> torch.Tensor:
+    """Unsigned codes of `x` [..., K] as float32 (exact integers), by the contract's float32 rounding rule."""
+    r = torch.tensor(1.0, dtype=torch.float32) / p.scale.to(torch.float32)
+    inv_pow = torch.exp2(-p.shift.to(torch.float32))
+    v = torch.floor(x.to(torch.float32) * r * inv_pow + 0.5) + p.zero.to(torch.float32)
+    return v.clamp(0, 2**p.bits - 1)
+
+
+def fake_quant_act(x: torch.Tensor, p: ActParams) -> torch.Tensor:
+    """What the integer linear sees of `x`, in the input's units (TRIP factors undone): for error measurement."""
+    xq = quantize_act(x, p)
+    return (xq - p.zero.to(torch.float32)) * p.scale * torch.exp2(p.shift.to(torch.float32))
+
+
+def _uniform_codes_error(x, lo: float, hi: float, bits: int, shifts: torch.Tensor):
+    """Per-channel L2 error of quantizing x [M, K] with range [lo, hi] and channel exponents `shifts` [K],
+    by exactly the rounding rule of `quantize_act` (float32 scale, r = 1/scale)."""
+    levels = 2**bits - 1
+    scale = torch.tensor((hi - lo) / levels, dtype=torch.float32)
+    zero = torch.tensor(min(max(math.floor(-lo / float(scale) + 0.5), 0), levels), dtype=torch.int32)
+    p = ActParams(scale, zero, shifts.to(torch.uint8), bits)
+    xd = fake_quant_act(x, p)
+    return ((xd - x) ** 2).sum(dim=0), scale, zero
+
+
+def trip_search(x: torch.Tensor, bits: int, k_max: int, max_rows: int = 1024, seed: int = 0,
+                margin: float = 1.0) -> ActParams:
+    """TRIP: layer-wise scale/zero point plus per-channel power-of-two exponents in {0..k_max}, by L2 error.
+
+    `x` [M, K] are calibration inputs of one linear. With k_max = 0 this is plain per-tensor min/max-searched
+    uniform quantization (the baseline TRIP has to beat). The error is measured on at most `max_rows` rows: the
+    64 rows with the largest magnitude (token outliers such as the first token) plus a random sample.
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    if x.shape[0] > max_rows:
+        g = torch.Generator().manual_seed(seed)
+        top = torch.topk(x.abs().amax(dim=1), 64).indices
+        rest = torch.randperm(x.shape[0], generator=g)[: max_rows - 64]
+        xs = x[torch.unique(torch.cat([top, rest]))]
+    else:
+        xs = x
+    ch_lo = x.amin(dim=0).clamp(max=0)
+    ch_hi = x.amax(dim=0).clamp(min=0)
+    k = x.shape[1]
+    # Candidate shared ranges: the global range divided by 2^t, t in quarter steps up to k_max (the largest
+    # outlier channel just fits at alpha = ceil(t)). No candidate clips: measured on SmolLM2, clipping the rare
+    # extreme values of calibration inputs (L2-optimal on the calibration set) doubled W8A8 perplexity, because
+    # those values are the massive activations later layers depend on.
+    gl, gh = ch_lo.min().item(), ch_hi.max().item()
+    cands = [(gl / 2**t, gh / 2**t) for t in [i / 4 for i in range(4 * k_max + 1)]]
+    best = None
+    for lo, hi in cands:
+        if hi - lo <= 1e-12:
+            continue
+        # per channel, the alpha with the lowest L2 error among the one that just fits the channel's range into
+        # [lo, hi] and the next (rounding can push the extreme code past the range)
+        need = torch.maximum(ch_hi / max(hi, 1e-30), ch_lo / min(lo, -1e-30))
+        fit = torch.ceil(torch.log2(need.clamp(min=1e-30))).clamp(0, k_max)
+        errs, shifts = [], []
+        for d in (0, 1):  # never below the fit: clipping calibration extremes (rare, large) hurts perplexity
+            a = (fit + d).clamp(0, k_max)
+            e, scale, zero = _uniform_codes_error(xs, lo, hi, bits, a)
+            errs.append(e)
+            shifts.append(a)
+        ch_err, pick = torch.stack(errs).min(dim=0)
+        shift = torch.stack(shifts).gather(0, pick[None])[0]
+        total = ch_err.sum().item()
+        if best is None or total < best[0]:
+            best = (total, scale, zero, shift)
+    if best is None:  # an all-zero input: any scale works
+        return ActParams(torch.tensor(1.0), torch.tensor(0, dtype=torch.int32), torch.zeros(k, dtype=torch.uint8), bits)
+    _, scale, zero, shift = best
+    # Headroom for inputs beyond the calibration extremes: the range grows by `margin` around the same zero point
+    # (static scales meet unseen text; a clipped massive activation costs more than a coarser step).
+    scale = (scale * margin).to(torch.float32)
+    return ActParams(scale, zero.to(torch.int32), shift.to(torch.uint8), bits)
+
+
+# -------------------------------------------------------------------------------------------- log2 softmax
+def log2_codes(p: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log2 codes of probabilities `p` [..., J] per row (last axis) and the row max: (codes, pmax[..., 1])."""
+    pmax = p.amax(dim=-1, keepdim=True)
+    top = 2**bits - 1
+    with torch.no_grad():
+        ratio = p / pmax.clamp(min=torch.finfo(p.dtype).tiny)
+        c = torch.floor(-torch.log2(ratio) + 0.5)
+        c = torch.nan_to_num(c, nan=top, posinf=top).clamp(0, top)
+    return c, pmax
+
+
+def log2_dequant(c: torch.Tensor, pmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pmax * 2^-c`, 0 for the top code (the probability is dropped)."""
+    top = 2**bits - 1
+    return torch.where(c >= top, torch.zeros_like(c), pmax * torch.exp2(-c))
+
+
+# ------------------------------------------------------------------------------- symmetric tensor (Q, K, V)
+def quantize_sym8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`clip(floor(x / s + 0.5), -127, 127)` as float32 exact integers."""
+    return torch.clamp(torch.floor(x / scale + 0.5), -127, 127)
+
+
+def search_sym8_scale(x: torch.Tensor, max_elems: int = 1_000_000, seed: int = 0) -> torch.Tensor:
+    """Per-tensor symmetric INT8 scale minimising the L2 error over a grid of clipping ratios of max|x|."""
+    x = x.reshape(-1).float()
+    if x.numel() > max_elems:
+        g = torch.Generator().manual_seed(seed)
+        x = x[torch.randint(0, x.numel(), (max_elems,), generator=g)]
+    amax = x.abs().max().clamp(min=1e-8)
+    best = None
+    for ratio in (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5, 0.4):
+        s = amax * ratio / 127
+        err = ((quantize_sym8(x, s) * s - x) ** 2).sum().item()
+        if best is None or err < best[0]:
+            best = (err, s)
+    return torch.tensor(float(best[1]), dtype=torch.float32)
+
+
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal to quantization noise ratio in dB (for reports and tests)."""
+    num = (ref.double() ** 2).sum()
+    den = ((ref.double() - approx.double()) ** 2).sum().clamp(min=1e-300)
+    return float(10 * math.log10(num / den))

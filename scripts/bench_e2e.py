@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Table-4 style end-to-end benchmark -> results/e2e.json (see agile_tvm/runtime/bench.py for what is timed).
+
+    # export the checkpoints first (or pass --ckpts to export here), then time them next to the peers:
+    scripts/bench_e2e.py --ckpts ckpt/fp ckpt/agileq8 ckpt/agileq4 --work build/e2e
+    scripts/bench_e2e.py --modules build/e2e/fp build/e2e/agileq8 --tokens 128,512 --peers torch,torch-int8
+
+2 threads for every engine (TVM_NUM_THREADS, torch.set_num_threads, llama.cpp n_threads). The machine is
+shared: run it when it is quiet and compare ratios from one run, not absolute numbers across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+    from agile_tvm.errors import UserError
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpts", nargs="*", default=[], help="quantized checkpoints to export (into --work) and time")
+    p.add_argument("--modules", nargs="*", default=[], help="already exported module folders to time")
+    p.add_argument("--work", default="build/e2e", help="where --ckpts are exported")
+    p.add_argument("--target", default="host")
+    p.add_argument("--tokens", default="128,512,2048")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--peers", default="torch,torch-int8,llama.cpp")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("-o", "--output", default="results/e2e.json")
+    args = p.parse_args()
+    try:
+        from agile_tvm.runtime.bench import run_bench
+        from agile_tvm.runtime.export import export
+
+        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+        modules = list(args.modules)
+        for ckpt in args.ckpts:
+            out = Path(args.work) / Path(ckpt).name
+            if not (out / "manifest.json").exists():
+                export(ckpt, args.target, out, max_seq_len=max(tokens) + args.decode_tokens + 8)
+            modules.append(str(out))
+        if not modules:
+            raise UserError("nothing to time: give --ckpts or --modules")
+        peers = [x for x in args.peers.split(",") if x.strip()]
+        run_bench(modules, tokens, args.decode_tokens, peers, args.model, args.repeat, args.output)
+    except UserError as err:
+        print(f"bench_e2e: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
