@@ -13,13 +13,6 @@ from agile_tvm.quant.configs import get_config
 from agile_tvm.quant.linear import QuantLinear
 from agile_tvm.quant.qmodel import QuantizedCausalLM
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids waiting on a busy second core (17x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 

@@ -9,12 +9,6 @@ from agile_tvm.quant.gptq import HessianAccumulator, gptq_quantize
 from agile_tvm.quant.quantizers import dequantize_weight, rtn_quantize
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _out_err(x, w, q, s, z, g):

@@ -7,13 +7,6 @@ import torch
 from agile_tvm.quant.linear import QuantLinear
 from agile_tvm.quant.quantizers import ActParams, rtn_quantize
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids waiting on a busy second core (17x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 

@@ -11,13 +11,6 @@ from agile_tvm.quant.pruning import schedule_counts, select_tokens, token_sparsi
 from agile_tvm.quant.qmodel import QuantizedCausalLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids waiting on a busy second core."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("beta,start,layers", [(0.5, 10, 30), (0.3, 4, 12), (0.1, 1, 2)])

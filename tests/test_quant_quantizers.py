@@ -9,13 +9,6 @@ from agile_tvm.quant.linear import pack_int4, unpack_int4
 from agile_tvm.quant.quantizers import (ActParams, dequantize_weight, fake_quant_act, log2_codes, log2_dequant,
                                         quantize_act, quantize_sym8, rtn_quantize, trip_search)
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread avoids waiting on a busy second core (17x slower under load)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 
