@@ -44,7 +44,7 @@ def bench_tvm_module(out_dir, tokens: list[int], decode_tokens: int, repeat: int
     size_mb = sum((Path(out_dir) / man[k]).stat().st_size for k in ("library", "weights_file")) / 1e6
     config = "fp32" if man.get("scheme") in ("fp", None) else man["scheme"]
     base = {"target": man["target"], "model": man.get("source_model") or man["arch"], "impl": "tvm",
-            "config": config, "size_mb": round(size_mb, 2)}
+            "config": config, "size_mb": round(size_mb, 2), "module": str(out_dir)}
     records = []
     for n in tokens:
         if n + (decode_tokens if n == min(tokens) else 0) > lm.max_seq_len:
