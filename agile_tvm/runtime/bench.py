@@ -45,19 +45,34 @@ def bench_tvm_module(out_dir, tokens: list[int], decode_tokens: int, repeat: int
     config = "fp32" if man.get("scheme") in ("fp", None) else man["scheme"]
     base = {"target": man["target"], "model": man.get("source_model") or man["arch"], "impl": "tvm",
             "config": config, "size_mb": round(size_mb, 2), "module": str(out_dir)}
-    records = []
+    fits = []
     for n in tokens:
         if n + (decode_tokens if n == min(tokens) else 0) > lm.max_seq_len:
             print(f"  tvm {config}: skip {n} tokens (compiled maximum {lm.max_seq_len})")
-            continue
+        else:
+            fits.append(n)
+
+    def prefill_ms(n):
         ids = _prompt(n, lm.vocab_size)
-        ms = _median_ms(lambda: lm.step(ids, 0, lm.new_cache()), repeat)
+        return _median_ms(lambda: lm.step(ids, 0, lm.new_cache()), repeat)
+
+    def decode_rate(n):
+        return _tvm_decode_rate(lm, _prompt(n, lm.vocab_size), decode_tokens)
+
+    return _records_per_length(f"tvm {config}", base, fits, prefill_ms, decode_rate)
+
+
+def _records_per_length(label: str, base: dict, tokens: list[int], prefill_ms, decode_rate) -> list[dict]:
+    """One record per prompt length; the shortest length also carries the decode rate after that prompt."""
+    records = []
+    for n in tokens:
+        ms = prefill_ms(n)
         rec = {**base, "tokens": n, "prefill_ms": round(ms, 2), "decode_tok_s": None}
         if n == min(tokens):
-            rec["decode_tok_s"] = round(_tvm_decode_rate(lm, ids, decode_tokens), 2)
+            rec["decode_tok_s"] = round(decode_rate(n), 2)
         records.append(rec)
-        print(f"  tvm {config} prefill {n}: {ms:.1f} ms" + (f", decode {rec['decode_tok_s']} tok/s"
-                                                           if rec["decode_tok_s"] else ""))
+        print(f"  {label} prefill {n}: {ms:.1f} ms" + (f", decode {rec['decode_tok_s']} tok/s"
+                                                       if rec["decode_tok_s"] else ""))
     return records
 
 
@@ -77,20 +92,19 @@ def _tvm_decode_rate(lm, ids, steps: int) -> float:
 def _torch_records(impl: str, model, tokens, decode_tokens, repeat, size_mb, model_name) -> list[dict]:
     import torch
 
-    records = []
     vocab = model.config.vocab_size
-    for n in tokens:
+    base = {"target": "host", "model": model_name, "impl": impl, "config": "fp32" if impl == "torch" else "int8",
+            "size_mb": round(size_mb, 2)}
+
+    def prefill_ms(n):
         ids = torch.as_tensor(_prompt(n, vocab))
         with torch.no_grad():
-            ms = _median_ms(lambda: model(ids, logits_to_keep=1, use_cache=True), repeat)
-        rec = {"target": "host", "model": model_name, "impl": impl, "config": "fp32" if impl == "torch" else "int8",
-               "tokens": n, "prefill_ms": round(ms, 2), "decode_tok_s": None, "size_mb": round(size_mb, 2)}
-        if n == min(tokens):
-            rec["decode_tok_s"] = round(_torch_decode_rate(model, ids, decode_tokens), 2)
-        records.append(rec)
-        print(f"  {impl} prefill {n}: {ms:.1f} ms" + (f", decode {rec['decode_tok_s']} tok/s"
-                                                      if rec["decode_tok_s"] else ""))
-    return records
+            return _median_ms(lambda: model(ids, logits_to_keep=1, use_cache=True), repeat)
+
+    def decode_rate(n):
+        return _torch_decode_rate(model, torch.as_tensor(_prompt(n, vocab)), decode_tokens)
+
+    return _records_per_length(impl, base, list(tokens), prefill_ms, decode_rate)
 
 
 def _torch_decode_rate(model, ids, steps: int) -> float:
