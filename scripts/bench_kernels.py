@@ -6,7 +6,10 @@ median time; integer ops counted like flops) and prints a markdown table. All im
 run with 2 threads (TVM_NUM_THREADS=2, torch.set_num_threads(2)); each number is the median of ``--repeat`` timings
 of at least ``--min-ms`` ms each (``min_ms`` is recorded too: on a shared machine it is the steadier number).
 M = 1 uses the GEMV (decode) variant of each TVM kernel (``m=1``).
-The TVM kernels time the linear only: activation quantization is its own kernel (timed as ``act-quant``, N = K).
+"W4A8" has per-channel weights; "W4A8 g32" groups of 32 (checkpoint v1: integer zero points, one activation scale);
+"W4A8 g32 v2" the v2 default (groups of 32 with float offsets wmin, per-token activation scales: ``act="token"``,
+``has_wmin=True``). The TVM kernels time the linear only: activation quantization is its own kernel (timed as
+``act-quant`` and, v2 per token with group sums of 32, ``act-quant token``; N = K).
 
     .venv/bin/python scripts/bench_kernels.py                 # full grid, host target, 2 threads, wall time
     .venv/bin/python scripts/bench_kernels.py --quick         # fewer repeats
@@ -34,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 MS = [1, 128, 512]
-IMPLS = ["W4A8", "W4A8 nibble", "W8A8", "W4A4", "TVM FP32", "torch FP32", "torch int8 dynamic"]
+IMPLS = ["W4A8", "W4A8 g32", "W4A8 g32 v2", "W4A8 nibble", "W8A8", "W4A4", "TVM FP32", "torch FP32",
+         "torch int8 dynamic"]
 
 
 CPU_CLOCK = False  # --cpu-time: one thread, process CPU time instead of wall time
@@ -88,6 +92,17 @@ def tvm_case(impl, N, K, M, target):
     elif impl == "act-quant":
         func = k.quantize_act_func(K, 8, target, m=m)
         args, _, want = cases.quantize_case(K, M, 8)
+    elif impl == "act-quant token":
+        func = k.quantize_act_token_func(K, 8, target, group_size=32, m=m)
+        args, _, want = cases.quantize_token_case(K, M, 8, group_size=32)
+        want = want[3]  # checked on xsum, the last output, which depends on all the others
+    elif impl == "W4A8 g32":
+        func = k.w4a8_linear_func(N, K, target, group_size=32, m=m)
+        args, _, want = cases.linear_case("w4a8", N, K, M, target, group_size=32)
+    elif impl == "W4A8 g32 v2":
+        func = k.w4a8_linear_func(N, K, target, group_size=32, m=m, act="token", has_wmin=True)
+        args, _, want, bound = cases.linear_v2_case("w4a8", N, K, M, target, group_size=32, has_wmin=True,
+                                                    bound=True)
     elif impl == "W4A8 nibble":  # 4-bit weights in memory, unpacked in registers (x86)
         func = k.w4a8_linear_func(N, K, target, m=m, wfmt="nibble")
         args, _, want = cases.linear_case("w4a8", N, K, M, target, wfmt="nibble")
@@ -102,7 +117,9 @@ def tvm_case(impl, N, K, M, target):
     if want is not None:  # never time a wrong kernel
         mod[name](*targs)
         got = targs[-1].numpy()
-        if got.dtype == np.uint8:
+        if impl == "W4A8 g32 v2":
+            ok = bool((np.abs(got.astype(np.float64) - want) <= bound).all())
+        elif got.dtype != np.float32:
             ok = np.array_equal(got, want)
         else:
             ok = np.allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()))
@@ -176,7 +193,7 @@ def main(argv=None):
 
     def add(impl, M, N, K, secs):
         sec, best = secs
-        flops = None if impl == "act-quant" else round(2.0 * M * N * K / sec / 1e9, 2)
+        flops = None if impl.startswith("act-quant") else round(2.0 * M * N * K / sec / 1e9, 2)
         rec = {"target": a.target, "M": M, "N": N, "K": K, "impl": impl, "gflops": flops,
                "median_ms": round(sec * 1e3, 4), "min_ms": round(best * 1e3, 4), "timing": mode}
         records.append(rec)
@@ -211,8 +228,9 @@ def main(argv=None):
                     records[-1]["gflops"] = None
     for K in sorted({k for _, k in SHAPES}):
         for M in ms:  # recorded with N = K and gflops = null: an elementwise kernel
-            mod, name, targs = tvm_case("act-quant", K, K, M, a.target)
-            add("act-quant", M, K, K, time_tvm(mod, name, targs, a.repeat, a.min_ms))
+            for impl in ("act-quant", "act-quant token"):
+                mod, name, targs = tvm_case(impl, K, K, M, a.target)
+                add(impl, M, K, K, time_tvm(mod, name, targs, a.repeat, a.min_ms))
 
     meta = {"target": a.target, "target_json": target_str, "machine": platform.processor() or platform.machine(),
             "cpu": _cpu_name(), "threads": threads, "clock": "process CPU time" if a.cpu_time else "wall",
@@ -266,11 +284,13 @@ def markdown_table(records, meta):
     by = {(r["N"], r["K"], r["M"], r["impl"]): r["gflops"] for r in records}
     records = [r for r in records if r["impl"] in IMPLS]
     impls = [i for i in IMPLS if any(r["impl"] == i for r in records)]
-    head = "| K -> N | M | " + " | ".join(impls) + " | W4A8 / TVM FP32 | W4A8 / torch FP32 | W4A4 / W8A8 |"
+    ratios = [("W4A8", "TVM FP32"), ("W4A8", "torch FP32"), ("W4A4", "W8A8"), ("W4A8", "W4A8 g32"),
+              ("W4A8", "W4A8 g32 v2")]  # GFLOP/s ratios; the last two are g32 time / per-channel time
+    head = "| K -> N | M | " + " | ".join(impls) + " | " + " | ".join(f"{x} / {y}" for x, y in ratios) + " |"
     lines = [f"GFLOP/s (2*M*N*K / median {meta['clock']}), {meta['cpu']}, {meta['threads']} thread(s), "
              f"load average "
              f"{meta['loadavg_before'][0]} -> {meta['loadavg_after'][0]} (provisional on a shared machine)", "",
-             head, "|" + "---|" * (len(impls) + 5)]
+             head, "|" + "---|" * (len(impls) + 2 + len(ratios))]
     shapes = sorted({(r["N"], r["K"]) for r in records if r["impl"] in impls}, key=lambda s: SHAPES.index(s)
                     if s in SHAPES else 99)
     for N, K in shapes:
@@ -284,8 +304,7 @@ def markdown_table(records, meta):
                 return f"{x / y:.2f}x" if x and y else "-"
 
             lines.append(f"| {K} -> {N} | {M} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals)
-                         + f" | {ratio('W4A8', 'TVM FP32')} | {ratio('W4A8', 'torch FP32')} | "
-                           f"{ratio('W4A4', 'W8A8')} |")
+                         + " | " + " | ".join(ratio(x, y) for x, y in ratios) + " |")
     return "\n".join(lines)
 
 

@@ -48,6 +48,22 @@ def _specs(target):
         ("fp32", fp32_linear_func(40, 72, target), _fp32_case(target)),
         ("log2", k.log2_softmax_quant_func(6, 4, target), cases.log2_case(6, 3, 9, 4)),
         ("attnv", k.attn_v_log2_func(6, 2, 64, 4, target), cases.attn_v_case(6, 2, 64, 3, 9, 4)),
+        # checkpoint v2 and the grouped (register-tile) schedule
+        ("quant_token", k.quantize_act_token_func(96, 8, target, group_size=32),
+         cases.quantize_token_case(96, 5, 8, group_size=32, seed=2)),
+        ("w4a8_g32_int", k.w4a8_linear_func(44, 96, target, group_size=32),
+         cases.linear_case("w4a8", 44, 96, 3, target, group_size=32, unit_scales=True, extreme=True, seed=4)),
+        ("v2_w4a8_g32_int", k.w4a8_linear_func(44, 96, target, group_size=32, act="token", has_wmin=True),
+         cases.linear_v2_case("w4a8", 44, 96, 5, target, group_size=32, has_wmin=True, unit_scales=True,
+                              extreme=True, seed=5)),
+        ("v2_w4a8_g32", k.w4a8_linear_func(40, 128, target, group_size=32, act="token", has_wmin=True,
+                                           has_bias=True),
+         cases.linear_v2_case("w4a8", 40, 128, 6, target, group_size=32, has_wmin=True, has_bias=True, seed=6,
+                              bound=True)),
+        ("v2_w4a8_gemv", k.w4a8_linear_func(40, 128, target, group_size=32, act="token", has_wmin=True, m=1),
+         cases.linear_v2_case("w4a8", 40, 128, 1, target, group_size=32, has_wmin=True, seed=7, bound=True)),
+        ("v2_w8a8_int", k.w8a8_linear_func(40, 72, target, act="token", has_wmin=True),
+         cases.linear_v2_case("w8a8", 40, 72, 4, target, has_wmin=True, unit_scales=True, seed=8)),
     ]
     return specs
 
@@ -74,6 +90,7 @@ def _disasm(path):
 
 def test_isa_of_builds(libs):
     assert "sdot" in _disasm(libs[("sd870", "w4a8")][0])
+    assert "sdot" in _disasm(libs[("sd870", "v2_w4a8_g32")][0])  # the grouped register-tile schedule too
     assert "smull" in _disasm(libs[("pi4", "w4a8")][0]) and "saddlp" in _disasm(libs[("pi4", "w8a8")][0])
     for (target, name), (path, _, _) in libs.items():
         if target == "pi4":
@@ -87,16 +104,19 @@ def test_kernels_match_numpy_under_qemu(libs, target):
     names = [n for (t, n) in libs if t == target]
     jobs = []
     for n in names:
-        path, sym, (args, out, _) = libs[(target, n)]
+        path, sym, (args, out, *_) = libs[(target, n)]
         jobs.append((path, sym, args, list(out) if isinstance(out, tuple) else [out]))
     results = qemu.run(target, jobs)
     for n, res in zip(names, results):
-        _, _, (args, out, want) = libs[(target, n)]
+        _, _, (args, out, want, *bound) = libs[(target, n)]
         outs = list(out) if isinstance(out, tuple) else [out]
         wants = list(want) if isinstance(out, tuple) else [want]
         for i, w in zip(outs, wants):
             got = res[i]
-            if n.endswith("_int") or n in ("w8a8", "w4a4", "quant", "qk", "qk_causal", "log2"):
+            if bound:  # v2 float epilogue: the float32 rounding bound of reference.linear_error_bound
+                err = np.abs(got.astype(np.float64) - w)
+                assert (err <= bound[0]).all(), f"{target} {n}: max error {err.max()}"
+            elif n.endswith("_int") or n in ("w8a8", "w4a4", "quant", "quant_token", "qk", "qk_causal", "log2"):
                 np.testing.assert_array_equal(got, w, err_msg=f"{target} {n}")
             elif n == "fp32":
                 np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4, err_msg=f"{target} {n}")

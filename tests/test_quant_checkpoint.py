@@ -49,7 +49,9 @@ def test_quantize_save_load_same_logits(tmp_path, calib, arch, config):
     assert manifest["format"] == "agile-tvm-qckpt" and manifest["arch"] == arch
     assert manifest["scheme"]["name"] == config
     n_linears = {"llama": 7, "opt": 6, "bloom": 4}[arch] * 2
-    assert len(manifest["linears"]) == n_linears
+    head = config in ("agileq8", "agileq4")  # an INT8 LM head (its own copy when tied to the embedding)
+    assert len(manifest["linears"]) == n_linears + head
+    assert ("lm_head" in manifest["linears"]) == head
     assert all(isinstance(m, QuantLinear) for n, m in loaded.model.hf.named_modules() if n in manifest["linears"])
     if config == "agileq8":
         assert manifest["pruning"]["layers"] == [1] and kept_before.sum() < kept_before.numel()
@@ -61,15 +63,24 @@ def test_quantize_save_load_same_logits(tmp_path, calib, arch, config):
 def test_checkpoint_tensors_follow_the_contract(tmp_path, calib):
     from safetensors.torch import load_file
 
-    qm = quantize_model(tiny_model("llama"), get_config("agileq8"), calib)
-    save_quantized(qm, tmp_path / "ck")
-    t = load_file(str(tmp_path / "ck" / TENSORS))
     p = "model.layers.0.mlp.down_proj"
+    # v1 tensors: the paper's static scheme
+    save_quantized(quantize_model(tiny_model("llama"), get_config("agileq8-static"), calib), tmp_path / "v1")
+    t = load_file(str(tmp_path / "v1" / TENSORS))
     assert t[f"{p}.qweight"].dtype == torch.uint8 and t[f"{p}.qweight"].shape == (64, 64)
     assert t[f"{p}.wscale"].dtype == torch.float32 and t[f"{p}.wzero"].dtype == torch.int8
     assert t[f"{p}.act_scale"].shape == () and t[f"{p}.act_zero"].dtype == torch.int32
     assert t[f"{p}.act_shift"].dtype == torch.uint8 and int(t[f"{p}.act_shift"].max()) <= 6
+    assert f"{p}.wmin" not in t
     assert "model.layers.1.self_attn.q_scale" in t and "model.embed_tokens.weight" in t
+    # v2: float offsets, per-token activations (no stored activation scale), no TRIP in the default config
+    save_quantized(quantize_model(tiny_model("llama"), get_config("agileq8"), calib), tmp_path / "v2")
+    t = load_file(str(tmp_path / "v2" / TENSORS))
+    assert t[f"{p}.wmin"].dtype == torch.float32 and t[f"{p}.wmin"].shape == (64, 128 // 32)
+    assert int(t[f"{p}.wzero"].abs().max()) == 0
+    assert f"{p}.act_scale" not in t and f"{p}.act_zero" not in t and int(t[f"{p}.act_shift"].max()) == 0
+    spec = json.loads((tmp_path / "v2" / MANIFEST).read_text())["linears"][p]
+    assert spec["act"] == "token" and spec["w_zero"] == "float" and spec["group_size"] == 32
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +135,7 @@ def test_tensor_missing_from_file(saved, tmp_path):
 
     ck = _copy(saved, tmp_path)
     t = load_file(str(ck / TENSORS))
-    del t["model.decoder.layers.0.fc1.act_scale"]
+    del t["model.decoder.layers.0.fc1.wmin"]
     save_file(t, str(ck / TENSORS))
     with pytest.raises(UserError, match="missing"):
         load_quantized(ck)

@@ -31,11 +31,11 @@ def test_gptq_beats_rtn_on_correlated_inputs(group, act_order, sym):
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
     h = HessianAccumulator(k)
     h.add(x_cal)
-    q, s, z = gptq_quantize(w, h.h, 4, group, sym, act_order)
+    q, s, z, _ = gptq_quantize(w, h.h, 4, group, sym, act_order)
     assert q.min() >= -8 and q.max() <= 7 and torch.equal(q, q.round())
     g = k if group == -1 else group
     assert s.shape == (n, k // g)
-    rq, rs, rz = rtn_quantize(w, 4, group, sym)
+    rq, rs, rz, _ = rtn_quantize(w, 4, group, sym)
     assert _out_err(x_test, w, q, s, z, g) < 0.8 * _out_err(x_test, w, rq, rs, rz, g)
 
 
@@ -77,8 +77,8 @@ def test_gptq_beats_rtn_on_a_real_smollm2_layer():
     w = layer.weight.detach()
     h = HessianAccumulator(576)
     h.add(x_cal)
-    q, s, z = gptq_quantize(w, h.h, 4, -1, False, True)
-    rq, rs, rz = rtn_quantize(w, 4, -1, False)
+    q, s, z, _ = gptq_quantize(w, h.h, 4, -1, False, True)
+    rq, rs, rz, _ = rtn_quantize(w, 4, -1, False)
     gptq_err = _out_err(x_test, w, q, s, z, 576)
     rtn_err = _out_err(x_test, w, rq, rs, rz, 576)
     assert gptq_err < 0.85 * rtn_err, (gptq_err, rtn_err)

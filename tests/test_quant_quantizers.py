@@ -7,7 +7,8 @@ from agile_tvm.errors import UserError
 from agile_tvm.quant.calibrate import fold_shift
 from agile_tvm.quant.linear import pack_int4, unpack_int4
 from agile_tvm.quant.quantizers import (ActParams, dequantize_weight, fake_quant_act, log2_codes, log2_dequant,
-                                        quantize_act, quantize_sym8, rtn_quantize, trip_search)
+                                        quantize_act, quantize_act_rows, quantize_sym8, rtn_quantize,
+                                        trip_search)
 
 
 
@@ -18,7 +19,7 @@ from agile_tvm.quant.quantizers import (ActParams, dequantize_weight, fake_quant
 def test_rtn_codes_in_range_and_error_within_half_step(bits, lo, hi, symmetric, group):
     torch.manual_seed(0)
     w = torch.randn(24, 64) * torch.rand(24, 1) * 3
-    q, s, z = rtn_quantize(w, bits, group, symmetric)
+    q, s, z, _ = rtn_quantize(w, bits, group, symmetric)
     assert q.min() >= lo and q.max() <= hi
     assert torch.equal(q, q.round())
     if symmetric:
@@ -28,6 +29,36 @@ def test_rtn_codes_in_range_and_error_within_half_step(bits, lo, hi, symmetric, 
     w_hat = dequantize_weight(q, s, z, g)
     step = s.repeat_interleave(g, 1)
     assert torch.all((w_hat - w).abs() <= step / 2 + 1e-6)
+
+
+def test_float_offset_grid_reproduces_q4_1_blocks_exactly():
+    """A Q4_1-style weight (blocks of 32: d * u + m, u in 0..15) survives 4-bit RTN with float offsets unchanged;
+    the integer zero point cannot express m and loses accuracy (the SmolLM2 measurement in configs.py)."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 16, 128
+    d = torch.rand(n, k // 32, 1, generator=g) * 0.02 + 0.001
+    m = torch.randn(n, k // 32, 1, generator=g) * 0.05
+    u = torch.randint(0, 16, (n, k // 32, 32), generator=g).float()
+    u[..., 0], u[..., 1] = 0, 15  # Q4_1 maps a block's min to 0 and its max to 15
+    w = (d * u + m).reshape(n, k)
+    q, s, z, off = rtn_quantize(w, 4, 32, False, float_zero=True)
+    assert torch.all(z == 0) and q.min() >= -8 and q.max() <= 7
+    w_hat = dequantize_weight(q, s, z, 32, off)
+    assert (w_hat - w).abs().max() < 1e-6
+    qi, si, zi, _ = rtn_quantize(w, 4, 32, False)
+    assert (dequantize_weight(qi, si, zi, 32) - w).abs().max() > 1e-3
+
+
+def test_per_token_params_follow_the_contract():
+    x = torch.tensor([[1.0, -3.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0], [2.0, 4.0, 1.0, 3.0]])
+    p = ActParams(None, None, torch.tensor([0, 0, 1, 0], dtype=torch.uint8), 8, "token")
+    xq, s, zp = quantize_act_rows(x, p)
+    # row 0: v = [1, -3, 0.25, 2], lo -3, hi 2, s = 5/255, zp = floor(3 * 51 + 0.5) = 153
+    assert s[0, 0] == torch.tensor(5.0) / 255 and zp[0, 0] == 153
+    assert s[1, 0] == 1 and zp[1, 0] == 0 and torch.all(xq[1] == 0)  # an all-zero row
+    assert zp[2, 0] == 0 and xq[2].max() == 255  # one sign: lo = 0, the max maps to the top code
+    err = (fake_quant_act(x, p) - x).abs() / torch.exp2(p.shift.float())
+    assert torch.all(err <= s / 2 + 1e-6)
 
 
 def test_activation_codes_in_range_and_round_trip_bound():

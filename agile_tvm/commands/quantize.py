@@ -17,7 +17,12 @@ def register(sub) -> None:
     p.add_argument("--w-bits", type=int, default=None, help="override the weight bits (4 or 8)")
     p.add_argument("--a-bits", type=int, default=None, help="override the activation bits (4 or 8)")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (-1: per output channel)")
-    p.add_argument("--trip-k", type=int, default=None, help="TRIP: largest power-of-two exponent per channel")
+    p.add_argument("--trip-k", type=int, default=None,
+                   help="TRIP: largest power-of-two exponent per channel (0 turns TRIP off)")
+    p.add_argument("--act-granularity", choices=("token", "tensor"), default=None,
+                   help="activation scales: per token at run time (default configs) or static layer-wise (paper)")
+    p.add_argument("--w-zero", choices=("float", "int"), default=None,
+                   help="weight zero point: a float offset per group (default 4-bit configs) or an integer code")
     p.add_argument("--prune-beta", type=float, default=0.0, help="fraction of tokens pruned by the last layer")
     p.add_argument("--prune-start", type=int, default=0, help="first pruning layer (0: half the depth)")
     p.add_argument("--calib-corpus", default="austen", help="handbook, austen, or a UTF-8 text file")
@@ -50,6 +55,15 @@ def resolve_config(args):
         if cfg.act is None:
             raise UserError(f"config '{args.config}' has float activations: --trip-k needs w8a8/agileq8/agileq4")
         cfg.act.trip_k = args.trip_k
+        cfg.act.trip = args.trip_k > 0
+    if args.act_granularity is not None:
+        if cfg.act is None:
+            raise UserError(f"config '{args.config}' has float activations: --act-granularity needs w8a8/agileq8/agileq4")
+        cfg.act.granularity = args.act_granularity
+    if args.w_zero is not None:
+        if cfg.weight is None:
+            raise UserError(f"config '{args.config}' has float weights: --w-zero needs a quantized config")
+        cfg.weight.zero = args.w_zero
     cfg.pruning.beta = args.prune_beta
     cfg.pruning.start_layer = args.prune_start
     return cfg.validate()

@@ -1,7 +1,7 @@
 """Relax frontend: a quantized checkpoint (docs/checkpoint.md) becomes a Relax IRModule with prefill/decode functions.
 
     from agile_tvm.frontend import build_module
-    mod, weights, meta = build_module("ckpt_dir", max_seq_len=2048)
+    mod, weights, meta = build_module("ckpt_dir", max_seq_len=2048, target="host")
 
 `mod` has `forward_all` (all logits, no cache), `prefill` and `decode` (KV cache, last-token logits) and
 `create_kv_cache`
@@ -32,8 +32,13 @@ def model_class(arch: str):
     raise UserError(f"architecture {arch!r} is not supported by the TVM frontend: use one of {', '.join(ARCHS)}")
 
 
-def build_module(ckpt, max_seq_len: int | None = None, target=None):
-    """(IRModule, weights: dict[str, np.ndarray], meta: dict) for a checkpoint folder or a loaded Checkpoint."""
+def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool = False):
+    """(IRModule, weights: dict[str, np.ndarray], meta: dict) for a checkpoint folder or a loaded Checkpoint.
+
+    `target` (a name of `agile_tvm.targets`, a dict or a Target; None = "host") picks the kernels' layouts and
+    schedules, so the weights come out packed for it: compile the module for the same target.
+    `taps=True` (tests, debugging): forward_all returns (logits, *tapped values), named in meta["taps"] (e.g.
+    "P:in", the input of integer linear P)."""
     from agile_tvm.errors import UserError
     from agile_tvm.frontend.checkpoint import Checkpoint, load_checkpoint
     from agile_tvm.frontend.graph import GraphBuilder
@@ -47,6 +52,8 @@ def build_module(ckpt, max_seq_len: int | None = None, target=None):
     limit = int(ckpt.config.get("max_position_embeddings") or ckpt.config.get("seq_length") or 2048)
     max_seq_len = int(max_seq_len or min(limit, 2048))
     g = GraphBuilder(ckpt, max_seq_len, target=target)
+    if taps:
+        g.taps = []
     mod = g.build(model)
     meta = {
         "arch": ckpt.arch,
@@ -58,4 +65,6 @@ def build_module(ckpt, max_seq_len: int | None = None, target=None):
         "kv_dtype": model.kv_dtype(ckpt),
         "weights": list(g.weights.arrays),
     }
+    if taps:
+        meta["taps"] = list(g.tap_names)
     return mod, g.weights.arrays, meta

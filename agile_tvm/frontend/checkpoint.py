@@ -1,7 +1,8 @@
-"""Read a quantized checkpoint (docs/checkpoint.md, format `agile-tvm-qckpt` v1) into plain numpy arrays.
+"""Read a quantized checkpoint (docs/checkpoint.md, format `agile-tvm-qckpt` v1 or v2) into plain numpy arrays.
 
 The frontend reads the files directly rather than through the PyTorch reference model: the contract is the files,
-and this keeps export free of torch.
+and this keeps export free of torch. `linear_spec` turns one `linears[P]` entry into the facts the graph builder
+needs, with v2's per-linear options (`act`, `w_zero`) resolved to their v1 defaults when absent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import numpy as np
 from agile_tvm.errors import UserError
 
 FORMAT = "agile-tvm-qckpt"
+VERSIONS = (1, 2)  # a v1 checkpoint is a v2 checkpoint with both per-linear options off
+ACT_GRANULARITIES = ("tensor", "token")
+WEIGHT_ZEROS = ("int", "float")
 
 
 @dataclass
@@ -64,9 +68,10 @@ def load_checkpoint(path) -> Checkpoint:
             f"{path} is not an agile-tvm checkpoint (no agile_quant.json): quantize it first with `agile-tvm quantize`"
         )
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != FORMAT or int(manifest.get("version", 0)) != 1:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in VERSIONS:
         raise UserError(f"{manifest_path} has format {manifest.get('format')!r} v{manifest.get('version')}; "
-                        f"this frontend reads {FORMAT} v1")
+                        f"this frontend reads {FORMAT} v{' and v'.join(map(str, VERSIONS))}: re-run "
+                        f"`agile-tvm quantize` with this version of agile-tvm")
     config_path = path / "config.json"
     if not config_path.exists():
         raise UserError(f"{path} has no config.json: the checkpoint is incomplete, re-run `agile-tvm quantize`")
@@ -78,6 +83,45 @@ def load_checkpoint(path) -> Checkpoint:
     for f in files:
         tensors.update(load_file(str(f)))
     return Checkpoint(path=path, manifest=manifest, config=config, tensors=tensors)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One quantized linear `P` as the kernels see it (docs/checkpoint.md, `linears[P]` and "Version 2").
+
+    `act` "tensor": static layer-wise `P.act_scale`/`P.act_zero`; "token": per-row scale and zero point computed at
+    run time. `float_zero`: the weights carry the float group offset `P.wmin` (v2 `"w_zero": "float"`).
+    """
+
+    prefix: str
+    w_bits: int
+    a_bits: int  # 0: the input stays float (w4a16)
+    groups: int  # G = K / group size
+    act: str
+    float_zero: bool
+    has_bias: bool
+
+
+def linear_spec(ckpt: Checkpoint, prefix: str) -> LinearSpec | None:
+    """The spec of linear `prefix`, None when it is not quantized (not listed in `linears`)."""
+    info = ckpt.linears.get(prefix)
+    if info is None:
+        return None
+    act = info.get("act", "tensor")
+    w_zero = info.get("w_zero", "int")
+    if act not in ACT_GRANULARITIES or w_zero not in WEIGHT_ZEROS:
+        raise UserError(f"{ckpt.path}: linear {prefix} has act {act!r} / w_zero {w_zero!r}; this frontend knows act "
+                        f"{' or '.join(ACT_GRANULARITIES)} and w_zero {' or '.join(WEIGHT_ZEROS)}: re-run "
+                        f"`agile-tvm quantize` with this version of agile-tvm")
+    return LinearSpec(
+        prefix=prefix,
+        w_bits=int(info.get("w_bits", 4)),
+        a_bits=int(info.get("a_bits", 8)),
+        groups=int(ckpt.tensor(prefix + ".wscale").shape[1]),
+        act=act,
+        float_zero=w_zero == "float",
+        has_bias=bool(info.get("bias")) or prefix + ".bias" in ckpt.tensors,
+    )
 
 
 def unpack_int4(packed: np.ndarray) -> np.ndarray:
@@ -102,10 +146,14 @@ def weight_codes(ckpt: Checkpoint, prefix: str) -> tuple[np.ndarray, np.ndarray]
 
 
 def dequantized_weight(ckpt: Checkpoint, prefix: str) -> np.ndarray:
-    """W = wscale * (q - wzero), float32 [N, K] (used for w4a16 linears whose input stays float)."""
+    """W = wscale * (q - wzero) (+ wmin with v2 float offsets), float32 [N, K] (w4a16 linears: the input stays
+    float)."""
     q, wzero = weight_codes(ckpt, prefix)
     wscale = ckpt.tensor(prefix + ".wscale").astype(np.float32)
     groups = wscale.shape[1]
     g = q.shape[1] // groups
     zq = q.astype(np.float32) - np.repeat(wzero.astype(np.float32), g, axis=1)
-    return (np.repeat(wscale, g, axis=1) * zq).astype(np.float32)
+    w = np.repeat(wscale, g, axis=1) * zq
+    if linear_spec(ckpt, prefix).float_zero:
+        w = w + np.repeat(ckpt.tensor(prefix + ".wmin").astype(np.float32), g, axis=1)
+    return w.astype(np.float32)

@@ -2,7 +2,8 @@
 
 `GraphBuilder` wraps a `relax.BlockBuilder` with the pieces every decoder needs: weights as function parameters
 (registered once, in a fixed order, so every compiled function takes the same weight list), quantized or float
-linears via call_tir, norms, RoPE, and attention with an optional KV cache.
+linears via call_tir on `agile_tvm.kernels` (checkpoint v1 static or v2 per-token activations, integer or float
+weight offsets), norms, RoPE, and attention with an optional KV cache.
 
 Design (after MLC-LLM's LLaMA, simplified to batch 1):
 - `forward_all(ids[1, n], pos[n], *weights) -> logits[1, n, V]`: no cache; used for perplexity.
@@ -17,7 +18,6 @@ positions and the causal mask read it, so no shape arithmetic is needed in the g
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,9 +25,10 @@ from tvm import relax, tirx
 
 from agile_tvm.errors import UserError
 from agile_tvm.frontend import tir_ops
-from agile_tvm.frontend.checkpoint import Checkpoint, dequantized_weight, weight_codes
+from agile_tvm.frontend.checkpoint import Checkpoint, LinearSpec, dequantized_weight, linear_spec
 
 R = relax.op
+HEAD = "lm_head"  # the LM head's module path in every supported architecture
 
 
 class WeightTable:
@@ -55,40 +56,33 @@ class WeightTable:
         return [self.var(name) for name in self.arrays]
 
 
-def kernels_module(target):
-    """`agile_tvm.kernels` when compiling for a named target and it is usable; None: the frontend's own loops.
+def kernels_module():
+    """`agile_tvm.kernels`: every linear (integer and float) runs on its scheduled kernels; its functions are
+    looked up when first used, so a checkpoint that needs none of the v2 kernels builds without them."""
+    import agile_tvm.kernels as kernels
+    from agile_tvm.kernels import fp32
 
-    AGILE_TVM_FRONTEND_KERNELS=own forces the frontend's loops (to compare the two).
-    """
-    if target is None or os.environ.get("AGILE_TVM_FRONTEND_KERNELS", "auto") == "own":
-        return None
-    try:
-        import agile_tvm.kernels as kernels
-        from agile_tvm.kernels import fp32
-
-        names = ("w4a8_linear_func", "w8a8_linear_func", "quantize_act_func", "pack_w4a8_weights",
-                 "pack_w8a8_weights")
-        found = {name: getattr(kernels, name) for name in names}
-        found.update(fp32_linear_func=fp32.fp32_linear_func, pack_fp32_weights=fp32.pack_fp32_weights)
-        return SimpleNamespace(**found)
-    except (ImportError, AttributeError):
-        return None
+    return SimpleNamespace(integer=kernels, fp32=fp32)
 
 
 class GraphBuilder:
     """Emits one decoder's Relax functions from a checkpoint."""
 
-    def __init__(self, ckpt: Checkpoint, max_seq_len: int, target=None):
+    def __init__(self, ckpt: Checkpoint, max_seq_len: int, target="host"):
+        from agile_tvm.targets import get_target
+
         self.ckpt = ckpt
-        self.target = target
-        self.kernels = kernels_module(target)
+        self.target = get_target(target if target is not None else "host")
+        self.kernels = kernels_module()
         self.bb = relax.BlockBuilder()
         self.weights = WeightTable()
         self.max_seq_len = int(max_seq_len)
         self._funcs: dict[str, relax.GlobalVar] = {}
         self._act_cache: dict = {}
         self.n = None
-        self.taps: list | None = None  # debugging: forward_all also returns these tensors when set to []
+        self.taps: list | None = None  # [] (`build_module(..., taps=True)`): forward_all also returns `tap`ped values
+        self.tap_names: list[str] = []
+        self._function = None
 
     # ---- infrastructure -------------------------------------------------------------------------------------
     def tir(self, key: str, func) -> relax.GlobalVar:
@@ -97,6 +91,13 @@ class GraphBuilder:
         if key not in self._funcs:
             self._funcs[key] = self.bb.add_func(func.with_attr("op_pattern", 8), key)
         return self._funcs[key]
+
+    def tap(self, name: str, value) -> None:
+        """Tests and debugging: with taps on, forward_all also returns `value` (after the logits), named in
+        `tap_names`; e.g. every integer linear taps its input as "P:in"."""
+        if self.taps is not None and self._function == "forward_all":
+            self.taps.append(value)
+            self.tap_names.append(name)
 
     def emit(self, expr, name: str | None = None):
         return self.bb.emit(expr, name_hint=name or "")
@@ -115,120 +116,132 @@ class GraphBuilder:
 
     # ---- layers -----------------------------------------------------------------------------------------------
     def linear(self, x, prefix: str, k: int, n_out: int, weight_name: str | None = None):
-        """y [n, N] = linear(x [n, K]): W4A8 integer kernel, W4A16 float, or a float linear not in `linears`."""
-        n = self.n
-        info = self.ckpt.linears.get(prefix)
-        if info is None:
+        """y [n, N] = linear(x [n, K]): the integer kernel (W4A8/W8A8, 8- or 4-bit activation codes), W4A16 as a
+        float linear of the dequantized weight, or a float linear not listed in `linears`."""
+        spec = linear_spec(self.ckpt, prefix)
+        if spec is None:
             bias = prefix + ".bias" if self.has(prefix + ".bias") else None
             return self.float_linear(x, k, n_out, weight_name or prefix + ".weight", bias)
-        has_bias = bool(info.get("bias")) or self.has(prefix + ".bias")
-        a_bits = int(info.get("a_bits", 8))
-        if a_bits == 0:
-            bias = prefix + ".bias" if has_bias else None
+        if spec.a_bits == 0:
+            bias = prefix + ".bias" if spec.has_bias else None
             return self.float_linear(x, k, n_out, prefix + ".dequant_weight", bias,
                                      array=dequantized_weight(self.ckpt, prefix))
-        if self.kernels is not None:
-            y = self._kernel_linear(x, prefix, k, n_out, info, a_bits, has_bias)
-            if y is not None:
-                return y
-        xq, zp, s = self.quantize_act(x, prefix, k, a_bits)
-        q, wzero = weight_codes(self.ckpt, prefix)
-        groups = wzero.shape[1]
-        g = k // groups
-        wq = q.astype(np.int16) - np.repeat(wzero.astype(np.int16), g, axis=1)
-        wdtype = "int8" if wq.min() >= -128 and wq.max() <= 127 else "int16"
-        w = self.w(prefix + ".wq", wq.astype(wdtype))
-        ws = self.w(prefix + ".wscale")
-        args = [xq, zp, s, w, ws] + ([self.w(prefix + ".bias")] if has_bias else [])
-        gv = self.tir(
-            f"linear_a{a_bits}_{wdtype}_{k}x{n_out}_g{groups}{'_b' if has_bias else ''}",
-            tir_ops.linear_int(k, n_out, groups, has_bias, wdtype),
-        )
-        return self.emit(relax.call_tir(gv, args, relax.TensorType([n, n_out], "float32")))
+        return self.integer_linear(x, spec, k, n_out)
 
-    def _kernel_linear(self, x, prefix: str, k: int, n_out: int, info: dict, a_bits: int, has_bias: bool):
-        """The tuned W4A8/W8A8 kernel of `agile_tvm.kernels` (weights packed to its layout); None if it declines."""
-        kern = self.kernels
-        w_bits = int(info.get("w_bits", 4))
-        wzero = self.ckpt.tensor(prefix + ".wzero")
-        groups = wzero.shape[1]
-        m = 1 if isinstance(self.n, int) else None
+    def integer_linear(self, x, spec: LinearSpec, k: int, n_out: int):
+        """The contract's integer linear on `agile_tvm.kernels` (weights packed to its layout at export).
+
+        4-bit activation codes (agileq4's o_proj) run through the same W4A8/W8A8 kernel: it multiplies uint8 codes
+        and never assumes they use all 8 bits. Argument order: (xq, wpack, wsum, wscale, [wmin], act_scale,
+        act_zero, [xsum], [bias]); act_scale/act_zero are 0-d weights (v1) or per-row outputs of the token
+        quantizer (v2 `act: token`), xsum comes with v2's float weight offsets."""
+        gv = self._linear_kernel(spec, k, n_out)
+        p = spec.prefix
+        self.tap(p + ":in", x)
+        if spec.act == "token":
+            xq, scale, zero, xsum = self.quantize_act_token(x, spec, k)
+        else:
+            xq, scale, zero = self.quantize_act_tensor(x, spec, k)
+        args = [xq, self.w(p + ".wpack"), self.w(p + ".wsum"), self.w(p + ".wscale")]
+        args += [self.w(p + ".wmin")] if spec.float_zero else []
+        args += [scale, zero]
+        args += [xsum] if spec.float_zero else []
+        args += [self.w(p + ".bias")] if spec.has_bias else []
+        return self.emit(relax.call_tir(gv, args, relax.TensorType([self.n, n_out], "float32")))
+
+    def _decode_m(self):
+        """m=1 when emitting the decode function (static one-token shapes get the kernels' GEMV schedules)."""
+        return 1 if isinstance(self.n, int) else None
+
+    def _linear_kernel(self, spec: LinearSpec, k: int, n_out: int) -> relax.GlobalVar:
+        """Add the linear kernel for `spec`'s shape and options once; pack the linear's weights once."""
+        if spec.float_zero and spec.act != "token":
+            raise UserError(f"{self.ckpt.path}: linear {spec.prefix} has float weight offsets (w_zero float) with "
+                            "per-tensor activations; the kernels support float offsets only with per-token "
+                            "activations: quantize with act granularity token (the agileq8 default)")
+        kern = self.kernels.integer
+        m = self._decode_m()
+        v2 = spec.act == "token"
+        key = (f"k_linear_w{spec.w_bits}_{k}x{n_out}_g{spec.groups}{'_b' if spec.has_bias else ''}"
+               f"{'_tok' if v2 else ''}{'_wmin' if spec.float_zero else ''}{'_m1' if m else ''}")
         try:
-            pack = kern.pack_w4a8_weights if w_bits == 4 else kern.pack_w8a8_weights
-            make = kern.w4a8_linear_func if w_bits == 4 else kern.w8a8_linear_func
-            key = f"k_linear_w{w_bits}_{k}x{n_out}_g{groups}{'_b' if has_bias else ''}{'_m1' if m else ''}"
             if key not in self._funcs:
-                func = make(n_out, k, self.target, group_size=k // groups, has_bias=has_bias, m=m)
+                make = kern.w4a8_linear_func if spec.w_bits == 4 else kern.w8a8_linear_func
+                options = dict(act="token", has_wmin=spec.float_zero) if v2 else {}  # v1: the v1 signature
+                func = make(n_out, k, self.target, group_size=k // spec.groups, has_bias=spec.has_bias, m=m,
+                            **options)
                 self.tir(key, func.without_attr("global_symbol"))
-            if prefix + ".wpack" not in self.weights.arrays:
-                packed = pack(self.ckpt.tensor(prefix + ".qweight"), wzero, self.target)
-                self.weights.var(prefix + ".wpack", packed["wpack"])
-                self.weights.var(prefix + ".wsum", packed["wsum"])
-        except UserError:
-            return None
-        xq = self._kernel_quantize_act(x, prefix, k, a_bits)
-        scale = self.w(prefix + ".act_scale0", np.asarray(self.ckpt.tensor(prefix + ".act_scale"), np.float32).reshape(()))
-        zero = self.w(prefix + ".act_zero0", np.asarray(self.ckpt.tensor(prefix + ".act_zero"), np.int32).reshape(()))
-        args = [xq, self.w(prefix + ".wpack"), self.w(prefix + ".wsum"), self.w(prefix + ".wscale"), scale, zero]
-        if has_bias:
-            args.append(self.w(prefix + ".bias"))
-        return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, n_out], "float32")))
+            if spec.prefix + ".wpack" not in self.weights.arrays:
+                pack = kern.pack_w4a8_weights if spec.w_bits == 4 else kern.pack_w8a8_weights
+                packed = pack(self.ckpt.tensor(spec.prefix + ".qweight"), self.ckpt.tensor(spec.prefix + ".wzero"),
+                              self.target)
+                self.weights.var(spec.prefix + ".wpack", packed["wpack"])
+                self.weights.var(spec.prefix + ".wsum", packed["wsum"])
+        except UserError as err:
+            raise UserError(f"linear {spec.prefix} ({k} -> {n_out}) cannot run on the integer kernels: {err}") from None
+        return self._funcs[key]
 
-    def _kernel_quantize_act(self, x, prefix: str, k: int, bits: int):
-        scale = np.asarray(self.ckpt.tensor(prefix + ".act_scale"), np.float32).reshape(())
-        zero = np.asarray(self.ckpt.tensor(prefix + ".act_zero"), np.int32).reshape(())
+    def _act_shift(self, prefix: str, k: int) -> np.ndarray:
         shift = self.ckpt.tensors.get(prefix + ".act_shift")
-        shift = np.zeros(k, np.uint8) if shift is None else shift.astype(np.uint8).reshape(k)
-        cache_key = ("k", id(x), bits, scale.tobytes(), zero.tobytes(), shift.tobytes())
-        if cache_key in self._act_cache:
-            return self._act_cache[cache_key][0]
-        m = 1 if isinstance(self.n, int) else None
-        key = f"k_quantize_act_{k}_a{bits}{'_m1' if m else ''}"
-        if key not in self._funcs:
-            self.tir(key, self.kernels.quantize_act_func(k, bits, self.target, m=m).without_attr("global_symbol"))
-        args = [x, self.w(prefix + ".act_scale0", scale), self.w(prefix + ".act_zero0", zero),
-                self.w(prefix + ".act_shift", shift)]
-        xq = self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, k], "uint8")))
-        self._act_cache[cache_key] = (xq, x)  # x kept alive: its id() must not be recycled while cached
-        return xq
+        return np.zeros(k, np.uint8) if shift is None else shift.astype(np.uint8).reshape(k)
+
+    def quantize_act_tensor(self, x, spec: LinearSpec, k: int):
+        """(xq, act_scale, act_zero) with the layer-wise static scale (v1); linears reading the same x with equal
+        parameters share one quantize call."""
+        p, bits = spec.prefix, spec.a_bits
+        scale = np.asarray(self.ckpt.tensor(p + ".act_scale"), np.float32).reshape(())
+        zero = np.asarray(self.ckpt.tensor(p + ".act_zero"), np.int32).reshape(())
+        shift = self._act_shift(p, k)
+        s, zp = self.w(p + ".act_scale0", scale), self.w(p + ".act_zero0", zero)
+        cache_key = ("tensor", id(x), bits, scale.tobytes(), zero.tobytes(), shift.tobytes())
+        if cache_key not in self._act_cache:
+            m = self._decode_m()
+            key = f"k_quantize_act_{k}_a{bits}{'_m1' if m else ''}"
+            if key not in self._funcs:
+                self.tir(key, self.kernels.integer.quantize_act_func(k, bits, self.target, m=m)
+                         .without_attr("global_symbol"))
+            args = [x, s, zp, self.w(p + ".act_shift", shift)]
+            xq = self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, k], "uint8")))
+            self._act_cache[cache_key] = (xq, x)  # x kept alive: its id() must not be recycled while cached
+        return self._act_cache[cache_key][0], s, zp
+
+    def quantize_act_token(self, x, spec: LinearSpec, k: int):
+        """(xq u8[n,K], act_scale f32[n], act_zero i32[n], xsum i32[n,G]) with per-row dynamic scales (v2).
+
+        xsum is summed over the linear's weight groups when it has float offsets, else over all of K (unused, and
+        the cheapest to produce). Linears reading the same x with the same shift and grouping share one call."""
+        p, bits, n = spec.prefix, spec.a_bits, self.n
+        g = k // spec.groups if spec.float_zero else k
+        shift = self._act_shift(p, k)
+        cache_key = ("token", id(x), bits, g, shift.tobytes())
+        if cache_key not in self._act_cache:
+            m = self._decode_m()
+            key = f"k_quantize_act_token_{k}_a{bits}_g{g}{'_m1' if m else ''}"
+            if key not in self._funcs:
+                func = self.kernels.integer.quantize_act_token_func(k, bits, self.target,
+                                                                    group_size=None if g == k else g, m=m)
+                self.tir(key, func.without_attr("global_symbol"))
+            outs = [relax.TensorType([n, k], "uint8"), relax.TensorType([n], "float32"),
+                    relax.TensorType([n], "int32"), relax.TensorType([n, k // g], "int32")]
+            both = self.emit(relax.call_tir(self._funcs[key], [x, self.w(p + ".act_shift", shift)], outs))
+            parts = tuple(self.emit(relax.TupleGetItem(both, i)) for i in range(len(outs)))
+            self._act_cache[cache_key] = (parts, x)  # x kept alive: its id() must not be recycled while cached
+        return self._act_cache[cache_key][0]
 
     def float_linear(self, x, k: int, n_out: int, weight_name: str, bias_name: str | None, array=None):
-        """y = x @ W.T (+ b): the kernels' packed FP32 GEMM when available, else the frontend's loop."""
+        """y = x @ W.T (+ b) on the kernels' packed FP32 GEMM (GEMV when decoding)."""
         n = self.n
-        if self.kernels is not None:
-            m = 1 if isinstance(n, int) else None
-            key = f"k_fp32_{k}x{n_out}{'_b' if bias_name else ''}{'_m1' if m else ''}"
-            if key not in self._funcs:
-                self.tir(key, self.kernels.fp32_linear_func(n_out, k, self.target, has_bias=bool(bias_name),
-                                                            m=m).without_attr("global_symbol"))
-            packed_name = weight_name + ".fp32pack"
-            if packed_name not in self.weights.arrays:
-                w = array if array is not None else self.ckpt.tensor(weight_name)
-                self.weights.var(packed_name, self.kernels.pack_fp32_weights(w, self.target))
-            args = [x, self.w(packed_name)] + ([self.w(bias_name)] if bias_name else [])
-            return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([n, n_out], "float32")))
-        w = self.w(weight_name, array)
-        args = [x, w] + ([self.w(bias_name)] if bias_name else [])
-        gv = self.tir(f"linear_f32_{k}x{n_out}{'_b' if bias_name else ''}",
-                      tir_ops.linear_float(k, n_out, bool(bias_name)))
-        return self.emit(relax.call_tir(gv, args, relax.TensorType([n, n_out], "float32")))
-
-    def quantize_act(self, x, prefix: str, k: int, bits: int):
-        """uint8 codes of x for linear `prefix`; linears reading the same x with identical parameters share them."""
-        scale = np.asarray(self.ckpt.tensor(prefix + ".act_scale"), np.float32).reshape(1)
-        zero = np.asarray(self.ckpt.tensor(prefix + ".act_zero"), np.int32).reshape(1)
-        shift = self.ckpt.tensors.get(prefix + ".act_shift")
-        shift = np.zeros(k, np.uint8) if shift is None else shift.astype(np.uint8).reshape(k)
-        key = (id(x), bits, scale.tobytes(), zero.tobytes(), shift.tobytes())
-        if key in self._act_cache:
-            return self._act_cache[key][:3]
-        s = self.w(prefix + ".act_scale", scale)
-        zp = self.w(prefix + ".act_zero", zero)
-        sh = self.w(prefix + ".act_shift", shift)
-        gv = self.tir(f"act_quant_{k}_a{bits}", tir_ops.act_quant(k, bits))
-        xq = self.emit(relax.call_tir(gv, [x, s, zp, sh], relax.TensorType([self.n, k], "uint8")))
-        self._act_cache[key] = (xq, zp, s, x)  # x kept alive: its id() must not be recycled while cached
-        return xq, zp, s
+        m = self._decode_m()
+        key = f"k_fp32_{k}x{n_out}{'_b' if bias_name else ''}{'_m1' if m else ''}"
+        if key not in self._funcs:
+            self.tir(key, self.kernels.fp32.fp32_linear_func(n_out, k, self.target, has_bias=bool(bias_name),
+                                                             m=m).without_attr("global_symbol"))
+        packed_name = weight_name + ".fp32pack"
+        if packed_name not in self.weights.arrays:
+            w = array if array is not None else self.ckpt.tensor(weight_name)
+            self.weights.var(packed_name, self.kernels.fp32.pack_fp32_weights(w, self.target))
+        args = [x, self.w(packed_name)] + ([self.w(bias_name)] if bias_name else [])
+        return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([n, n_out], "float32")))
 
     def rms_norm(self, x, weight: str, eps: float):
         return self.emit(R.nn.rms_norm(x, self.w(weight), axes=[-1], epsilon=eps))
@@ -238,8 +251,11 @@ class GraphBuilder:
                                          epsilon=eps))
 
     def head_weight(self, embed_name: str, head_name: str = "lm_head.weight") -> tuple[str, bool]:
-        """(name of the LM head weight, whether it is tied to the embedding): a stored head equal to the
-        embedding counts as tied, so the table is stored once."""
+        """(name of the float LM head weight, whether it is tied to the embedding): a stored head equal to the
+        embedding counts as tied, so the table is stored once. A quantized head (`lm_head` in `linears`) has its
+        own codes, so the embedding is never tied to it."""
+        if HEAD in self.ckpt.linears:
+            return head_name, False
         if not self.has(head_name):
             return embed_name, True
         if np.array_equal(self.ckpt.tensor(head_name), self.ckpt.tensor(embed_name)):
@@ -248,11 +264,11 @@ class GraphBuilder:
 
     def embed(self, ids_flat, weight: str, tied_head: bool = False):
         """Token embedding; with a tied LM head and the kernels' packed FP32 head, read the packed table."""
-        if tied_head and self.kernels is not None:
+        if tied_head:
             table = self.ckpt.tensor(weight)
             packed_name = weight + ".fp32pack"
             if packed_name not in self.weights.arrays:
-                self.weights.var(packed_name, self.kernels.pack_fp32_weights(table, self.target))
+                self.weights.var(packed_name, self.kernels.fp32.pack_fp32_weights(table, self.target))
             blocks, hidden, nb = self.weights.arrays[packed_name].shape
             gv = self.tir(f"embed_packed_{blocks}_{hidden}_{nb}", tir_ops.embed_packed(blocks, hidden, nb))
             return self.emit(relax.call_tir(gv, [ids_flat, self.w(packed_name)],
@@ -312,30 +328,31 @@ class GraphBuilder:
             new_cache = (kc, vc)
         alibi = slopes is not None
         sl = self.w("alibi_slopes" if alibi else "no_alibi", slopes if alibi else np.zeros(heads, np.float32))
-        make = tir_ops.attention_rows if head_dim % 8 == 0 else tir_ops.attention
         gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}",
-                      make(heads, kv_heads, head_dim, kv_dtype, bits, alibi))
+                      tir_ops.attention_blocked(heads, kv_heads, head_dim, kv_dtype, bits, alibi))
         out = self.emit(relax.call_tir(gv, [q, k, v, sc, sl], relax.TensorType([n, heads, head_dim], "float32")))
         return self.emit(R.reshape(out, [n, heads * head_dim])), new_cache
 
     def lm_head(self, x, hidden: int, vocab: int, weight: str, last_only: bool):
-        """Float LM head; with `last_only` only the last row (prefill/decode need just the next token)."""
+        """The LM head: the integer kernel when the checkpoint quantizes it (`lm_head` in `linears`), else float
+        `weight`; with `last_only` only the last row (prefill/decode need just the next token)."""
         if last_only:
             if not isinstance(self.n, int) or self.n != 1:
                 x = self.emit(R.strided_slice(x, axes=[0], begin=[self.n - 1], end=[self.n]))
             n_saved, self.n = self.n, 1
             try:
-                y = self.float_linear(x, hidden, vocab, weight, None)
+                y = self.linear(x, HEAD, hidden, vocab, weight_name=weight)
             finally:
                 self.n = n_saved
             return self.emit(R.reshape(y, [1, 1, vocab]))
-        y = self.float_linear(x, hidden, vocab, weight, None)
+        y = self.linear(x, HEAD, hidden, vocab, weight_name=weight)
         return self.emit(R.reshape(y, [1, self.n, vocab]))
 
     # ---- functions ----------------------------------------------------------------------------------------------
     def build(self, model) -> relax.IRModule:
         """Emit forward_all, forward and create_kv_cache for `model` (an architecture builder)."""
         for name, cached, static_n in (("forward_all", False, None), ("prefill", True, None), ("decode", True, 1)):
+            self._function = name
             self.weights.begin_function()
             self._act_cache = {}
             n = tirx.Var("n", "int64") if static_n is None else static_n
@@ -365,6 +382,7 @@ class GraphBuilder:
                     out = self.bb.emit_output(out)
                 self.taps = [] if self.taps is not None else None
                 self.bb.emit_func_output(out, params=inputs + self.weights.function_params())
+        self._function = None
         self.weights.begin_function()
         with self.bb.function("create_kv_cache", params=[]):
             shape = [self.max_seq_len, model.num_kv_heads, model.head_dim]

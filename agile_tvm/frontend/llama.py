@@ -59,6 +59,9 @@ class Llama:
             q = g.rope(g.emit(R.reshape(q, [n, H, D])), cos, sin, H, D)
             k = g.rope(g.emit(R.reshape(k, [n, KVH, D])), cos, sin, KVH, D)
             v = g.emit(R.reshape(v, [n, KVH, D]))
+            g.tap(f"{p}:q", q)
+            g.tap(f"{p}:k", k)
+            g.tap(f"{p}:v", v)
             attn, cache = g.attention(q, k, v, f"{p}.self_attn", H, KVH, D, caches[i] if caches else None)
             new_caches.append(cache)
             o = g.linear(attn, f"{p}.self_attn.o_proj", H * D, self.hidden)
@@ -73,8 +76,9 @@ class Llama:
                 act = g.emit(R.multiply(R.nn.silu(gate), up))
             down = g.linear(act, f"{p}.mlp.down_proj", self.inter, self.hidden)
             x = g.emit(R.add(x, down))
-            if g.taps is not None:
-                g.taps += [h, attn, x]
+            g.tap(f"{p}:mlp_in", h)
+            g.tap(f"{p}:attn_out", attn)
+            g.tap(f"{p}:out", x)
         x = g.rms_norm(x, "model.norm.weight", self.eps)
         return g.lm_head(x, self.hidden, self.vocab, head, last_only), new_caches
 

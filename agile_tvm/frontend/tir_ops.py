@@ -1,12 +1,12 @@
-"""Straightforward TensorIR for the contract's integer math (docs/checkpoint.md), used by the Relax frontend.
+"""The frontend's own TensorIR: attention (INT8 Q.K, log2 softmax, AttnV, or float), the symmetric INT8
+quantizer of Q/K/V, SwiGLU and the packed-table embedding (docs/checkpoint.md).
 
-These are the frontend's own kernels: plain loops that compute exactly what the checkpoint contract says, with a light
-CPU schedule (parallel rows, vectorised inner loop) so the path runs end to end. The tuned kernels of
-`agile_tvm.kernels` replace them where that package provides a matching API (see `agile_tvm.frontend.kernel_bridge`).
+Every linear (integer and float) runs on `agile_tvm.kernels` instead; the frontend keeps no second copy of the
+linear math, so there is one implementation of each contract formula to keep right.
 
-Conventions: batch 1 is squeezed, so activations are [n, K] with a symbolic token count n (int64) and the attention
-key length m. Per-tensor scalars (activation scale, zero point) are 1-element tensors, not constants, so one compiled
-kernel serves every layer of the same shape.
+Conventions: batch 1 is squeezed, so activations are [n, C] with a symbolic token count n (int64) and the attention
+key length m. Per-tensor scalars (scales) are 1-element tensors, not constants, so one compiled kernel serves every
+layer of the same shape.
 """
 
 from __future__ import annotations
@@ -17,158 +17,6 @@ import math
 import numpy as np
 
 from tvm.script import tirx as T
-
-
-@functools.lru_cache(maxsize=None)
-def act_quant(k: int, bits: int):
-    """TRIP activation quantization: xq = clip(floor(x * (1/s) * 2^-alpha_c + 0.5) + zp, 0, 2^b - 1), uint8."""
-    qmax = float(2**bits - 1)
-
-    @T.prim_func(private=True, s_tir=True)
-    def func(x_h: T.handle, s_h: T.handle, zp_h: T.handle, sh_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        X = T.match_buffer(x_h, (n, k), "float32")
-        S = T.match_buffer(s_h, (1,), "float32")
-        ZP = T.match_buffer(zp_h, (1,), "int32")
-        SH = T.match_buffer(sh_h, (k,), "uint8")
-        Y = T.match_buffer(y_h, (n, k), "uint8")
-        for i, c in T.grid(n, k):
-            with T.sblock("quant"):
-                vi, vc = T.axis.remap("SS", [i, c])
-                Y[vi, vc] = T.Cast(
-                    "uint8",
-                    T.max(
-                        T.min(
-                            T.floor(
-                                X[vi, vc] * (T.float32(1) / S[0])
-                                / T.Cast("float32", T.shift_left(1, T.Cast("int32", SH[vc])))
-                                + T.float32(0.5)
-                            )
-                            + T.Cast("float32", ZP[0]),
-                            T.float32(qmax),
-                        ),
-                        T.float32(0),
-                    ),
-                )
-
-    return func
-
-
-@functools.lru_cache(maxsize=None)
-def linear_int(k: int, n_out: int, groups: int, bias: bool, wdtype: str = "int8"):
-    """W4A8 linear: acc = sum (xq - zp) * wq over each group, y = s * sum_g wscale * acc (+ bias).
-
-    `wq` is [N, K] holding `q - wzero` (unpacked at export time): int8 for 4-bit weights ([-15, 15]) and
-    symmetric 8-bit ones, int16 when an asymmetric 8-bit weight's `q - wzero` leaves the int8 range.
-    """
-    gs = k // groups
-
-    if bias:
-
-        @T.prim_func(private=True, s_tir=True)
-        def func(x_h: T.handle, zp_h: T.handle, s_h: T.handle, w_h: T.handle, ws_h: T.handle, b_h: T.handle,
-                 y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            n = T.int64()
-            X = T.match_buffer(x_h, (n, k), "uint8")
-            ZP = T.match_buffer(zp_h, (1,), "int32")
-            S = T.match_buffer(s_h, (1,), "float32")
-            W = T.match_buffer(w_h, (n_out, k), wdtype)
-            WS = T.match_buffer(ws_h, (n_out, groups), "float32")
-            B = T.match_buffer(b_h, (n_out,), "float32")
-            Y = T.match_buffer(y_h, (n, n_out), "float32")
-            acc = T.sblock_alloc_buffer((n, n_out, groups), "int32")
-            for i, j, g, kk in T.grid(n, n_out, groups, gs):
-                with T.sblock("acc"):
-                    vi, vj, vg, vk = T.axis.remap("SSSR", [i, j, g, kk])
-                    with T.init():
-                        acc[vi, vj, vg] = 0
-                    acc[vi, vj, vg] = acc[vi, vj, vg] + (
-                        T.Cast("int32", X[vi, vg * gs + vk]) - ZP[0]
-                    ) * T.Cast("int32", W[vj, vg * gs + vk])
-            for i, j in T.grid(n, n_out):
-                with T.sblock("out"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    Y[vi, vj] = B[vj]
-            for i, j, g in T.grid(n, n_out, groups):
-                with T.sblock("deq"):
-                    vi, vj, vg = T.axis.remap("SSR", [i, j, g])
-                    Y[vi, vj] = Y[vi, vj] + S[0] * (WS[vj, vg] * T.Cast("float32", acc[vi, vj, vg]))
-
-        return func
-
-    @T.prim_func(private=True, s_tir=True)
-    def func_nb(x_h: T.handle, zp_h: T.handle, s_h: T.handle, w_h: T.handle, ws_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        X = T.match_buffer(x_h, (n, k), "uint8")
-        ZP = T.match_buffer(zp_h, (1,), "int32")
-        S = T.match_buffer(s_h, (1,), "float32")
-        W = T.match_buffer(w_h, (n_out, k), wdtype)
-        WS = T.match_buffer(ws_h, (n_out, groups), "float32")
-        Y = T.match_buffer(y_h, (n, n_out), "float32")
-        acc = T.sblock_alloc_buffer((n, n_out, groups), "int32")
-        for i, j, g, kk in T.grid(n, n_out, groups, gs):
-            with T.sblock("acc"):
-                vi, vj, vg, vk = T.axis.remap("SSSR", [i, j, g, kk])
-                with T.init():
-                    acc[vi, vj, vg] = 0
-                acc[vi, vj, vg] = acc[vi, vj, vg] + (
-                    T.Cast("int32", X[vi, vg * gs + vk]) - ZP[0]
-                ) * T.Cast("int32", W[vj, vg * gs + vk])
-        for i, j, g in T.grid(n, n_out, groups):
-            with T.sblock("deq"):
-                vi, vj, vg = T.axis.remap("SSR", [i, j, g])
-                with T.init():
-                    Y[vi, vj] = T.float32(0)
-                Y[vi, vj] = Y[vi, vj] + S[0] * (WS[vj, vg] * T.Cast("float32", acc[vi, vj, vg]))
-
-    return func_nb
-
-
-@functools.lru_cache(maxsize=None)
-def linear_float(k: int, n_out: int, bias: bool):
-    """y = x @ W.T (+ bias) in float32, W stored [N, K] (Hugging Face layout)."""
-    if bias:
-
-        @T.prim_func(private=True, s_tir=True)
-        def func(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            n = T.int64()
-            X = T.match_buffer(x_h, (n, k), "float32")
-            W = T.match_buffer(w_h, (n_out, k), "float32")
-            B = T.match_buffer(b_h, (n_out,), "float32")
-            Y = T.match_buffer(y_h, (n, n_out), "float32")
-            acc = T.sblock_alloc_buffer((n, n_out), "float32")
-            for i, j, kk in T.grid(n, n_out, k):
-                with T.sblock("mm"):
-                    vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
-                    with T.init():
-                        acc[vi, vj] = T.float32(0)
-                    acc[vi, vj] = acc[vi, vj] + X[vi, vk] * W[vj, vk]
-            for i, j in T.grid(n, n_out):
-                with T.sblock("bias"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    Y[vi, vj] = acc[vi, vj] + B[vj]
-
-        return func
-
-    @T.prim_func(private=True, s_tir=True)
-    def func_nb(x_h: T.handle, w_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        n = T.int64()
-        X = T.match_buffer(x_h, (n, k), "float32")
-        W = T.match_buffer(w_h, (n_out, k), "float32")
-        Y = T.match_buffer(y_h, (n, n_out), "float32")
-        for i, j, kk in T.grid(n, n_out, k):
-            with T.sblock("mm"):
-                vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
-                with T.init():
-                    Y[vi, vj] = T.float32(0)
-                Y[vi, vj] = Y[vi, vj] + X[vi, vk] * W[vj, vk]
-
-    return func_nb
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,8 +44,8 @@ def quant_sym_int8(c: int):
 @functools.lru_cache(maxsize=None)
 def attention(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool):
     """Causal attention of n queries over m keys (the last n keys are the queries' own positions), as plain
-    whole-matrix loops: the readable statement of the math, used when head_dim is not a multiple of 8 (otherwise
-    `attention_rows`, the fast row-wise form, is used).
+    whole-matrix loops: the readable statement of the math. Compiled models run `attention_blocked`, the fast
+    form; tests/test_frontend_attention.py checks the two agree.
 
     kv_dtype "int8": the contract's INT8 Q.K (exact integer dot, held in float32: |dot| <= 127^2 * D < 2^24),
     float32 softmax, log2 softmax codes, and AttnV `out = v_scale * pmax * sum_j 2^-c * v8` accumulated in
@@ -330,29 +178,49 @@ def _exp_nonpositive(x):
     return p * tirx.reinterpret("float32", bits)
 
 
-@functools.lru_cache(maxsize=None)
-def attention_rows(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool):
-    """The same causal attention as `attention`, written row by row for speed (one (query, head) row per task).
+#: keys per block of the blocked attention (two 8-lane float vectors) and query rows per register tile
+ATTN_KEY_BLOCK, ATTN_ROW_TILE = 16, 4
+#: query positions per task of the blocked attention (each task: one KV head x this many positions x its heads)
+ATTN_QUERY_BLOCK = 8
+#: up to this many queries (decode: 1) the blocked attention reads the K/V codes directly instead of converting
+#: the whole cache to float32 copies first (a copy of m keys would cost more than these few rows' work)
+ATTN_DIRECT_MAX_QUERIES = 4
 
-    Each row only visits its causal keys (j <= m - n + i) and keeps its scores in a row buffer:
-    1. Q.K per key as an 8-lane vector dot (int32 for INT8, exact; float32 otherwise), scaled (+ ALiBi);
-    2. softmax numerators e_j = exp(s_j - max) 8 keys at a time with a polynomial exp (`_exp_nonpositive`);
-    3. INT8 path: log2 codes of y_j = p_j / pmax = e_j (pmax = 1 / sum, the max key has e = 1) by comparing with
-       the code thresholds 2^(0.5 - c) (= clip(floor(-log2 y + 0.5), 0, top) without a log2 call), and the
-       weights 2^-c built from exponent bits (0 for the top code); float path: p_j = e_j / sum;
-    4. AttnV as `sum_j w_j * v[j, :]` over head_dim vector lanes, times v_scale * pmax (INT8) at the end.
+
+@functools.lru_cache(maxsize=None)
+def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool):
+    """The causal attention of `attention`, organised for speed at long sequences.
+
+    Work: one task per (KV head g, block of ATTN_QUERY_BLOCK query positions), i.e. the block's positions times
+    the `heads // kv_heads` query heads sharing g (GQA: each K/V value loaded serves all of them). Tasks run in
+    parallel, ordered zig-zag over query blocks (cheap early blocks next to costly late ones), so the contiguous
+    task ranges TVM gives each thread carry equal causal work. Keys are visited in blocks of ATTN_KEY_BLOCK, only
+    up to the block's last causal key: the upper triangle is skipped but for the diagonal blocks.
+    0. K and V are converted once per call to float32 copies, K transposed to [KVH, D, m] so a block of keys is a
+       contiguous vector; INT8 codes are exact in float32. With at most ATTN_DIRECT_MAX_QUERIES queries (decode)
+       the loops below read K and V in place instead: the same values, so the same results bit for bit.
+    1. Q.K for a register tile of ATTN_ROW_TILE rows x ATTN_KEY_BLOCK keys by FMAs over d. INT8: the products and
+       sums are integers below 2^24 (|dot| <= 127^2 * D), so the float32 dot *is* the contract's int32 dot.
+       Scores = dot * (q_scale * k_scale / sqrt(D)) (the scale formed first, as the PyTorch reference does),
+       + ALiBi; each row keeps a running max over its causal keys.
+    2. Per key block and row: softmax numerators e_j = exp(s_j - max) with a polynomial exp (`_exp_nonpositive`,
+       vectorized), summed per lane; INT8: the log2 code of p_j / pmax = e_j and its weight 2^-c from the float's
+       exponent and mantissa bits (`_log2_weight`); then out_row += w_j * v_j over head_dim lanes, skipped for a
+       block whose keys are all dropped (top code: 22% of the row blocks of SmolLM2 at 2048 tokens, measured).
+    3. out = acc * v_scale * pmax (pmax = 1 / sum) for INT8, acc / sum for float.
     Float32 results differ from the contract's formulas by summation order and the exp polynomial (~1 ulp).
+    Scratch per task: its scores [rows, m] (~200 KB at m = 2048 for SmolLM2), so the row softmax stays exact (two
+    passes over the scores, no online rescaling).
     """
-    assert head_dim % 8 == 0
     group = heads // kv_heads
     inv_sqrt = 1.0 / math.sqrt(head_dim)
     top = 2**softmax_bits - 1
     quant = kv_dtype == "int8"
-    acc_t = "int32" if quant else "float32"
-    lanes = 8
-    chunks = head_dim // lanes
-    thresholds = [float(np.float32(2.0 ** (0.5 - c))) for c in range(1, top + 1)]
+    assert not quant or head_dim * 127 * 127 < 2**24, "INT8 Q.K no longer exact in float32"
+    lanes, kb, rt, block, direct_max = 8, ATTN_KEY_BLOCK, ATTN_ROW_TILE, ATTN_QUERY_BLOCK, ATTN_DIRECT_MAX_QUERIES
+    rows_max = block * group  # (position, head) rows of one task, position-major; a multiple of rt
     use_alibi = alibi
+    I64 = T.int64
 
     @T.prim_func(private=True)
     def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
@@ -365,88 +233,135 @@ def attention_rows(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, soft
         SC = T.match_buffer(s_h, (3,), "float32")
         SL = T.match_buffer(sl_h, (heads,), "float32")
         O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
-        for hi in T.parallel(n * heads):
-            row = T.decl_buffer((m + lanes,), "float32")
-            qv = T.decl_buffer((head_dim,), acc_t)
-            part = T.decl_buffer((lanes,), acc_t)
-            fpart = T.decl_buffer((lanes,), "float32")
-            acc = T.decl_buffer((head_dim,), "float32")
+        # float32 copies of K (transposed) and V, zero-padded by one key block; a stub when reading K/V directly
+        KT = T.decl_buffer((kv_heads, head_dim, T.Select(n <= direct_max, T.int64(1), m + kb)), "float32")
+        VF = T.decl_buffer((kv_heads, T.Select(n <= direct_max, T.int64(1), m + kb), head_dim), "float32")
+        if n > direct_max:
+            for j in T.parallel(m + kb):
+                for g in T.serial(I64(kv_heads)):
+                    for d in T.serial(I64(head_dim)):
+                        KT[g, d, j] = T.if_then_else(j < m, T.Cast("float32", K[T.min(j, m - 1), g, d]),
+                                                     T.float32(0))
+                    for d in T.vectorized(I64(head_dim)):
+                        VF[g, j, d] = T.if_then_else(j < m, T.Cast("float32", V[T.min(j, m - 1), g, d]),
+                                                     T.float32(0))
+        nqb = (n + block - 1) // block
+        for t in T.parallel(kv_heads * nqb):
+            qf = T.decl_buffer((rows_max, head_dim), "float32")
+            sc = T.decl_buffer((rows_max, m + kb), "float32")
+            acc = T.decl_buffer((rows_max, head_dim), "float32")
+            tile = T.decl_buffer((rt, kb), "float32", scope="local")
+            rmax = T.decl_buffer((rows_max, lanes), "float32")
+            rsum = T.decl_buffer((rows_max, lanes), "float32")
+            w = T.decl_buffer((kb,), "float32")
             red = T.decl_buffer((2,), "float32")
-            i = hi // heads
-            h = hi % heads
-            g = h // group
-            limit = m - n + i + 1
-            blocks = (limit + lanes - 1) // lanes
-            for d in T.vectorized(head_dim):
-                if quant:
-                    qv[d] = T.Cast(acc_t, T.max(T.min(T.floor(Q[i, h, d] / SC[0] + T.float32(0.5)),
-                                                      T.float32(127)), T.float32(-127)))
-                else:
-                    qv[d] = Q[i, h, d]
-            red[0] = T.float32(-3.0e38)
-            for j in T.serial(limit):
-                for l in T.vectorized(lanes):
-                    part[l] = T.Cast(acc_t, 0)
-                for c in T.serial(chunks):
-                    for l in T.vectorized(lanes):
-                        part[l] = part[l] + qv[c * lanes + l] * T.Cast(acc_t, K[j, g, c * lanes + l])
-                for l in T.serial(lanes - 1):
-                    part[0] = part[0] + part[l + 1]
-                if quant:
-                    row[j] = T.Cast("float32", part[0]) * SC[0] * SC[1] * T.float32(inv_sqrt)
-                else:
-                    row[j] = part[0] * T.float32(inv_sqrt)
-                if use_alibi:
-                    row[j] = row[j] + SL[h] * T.Cast("float32", j)
-                red[0] = T.max(red[0], row[j])
-            for l in T.vectorized(lanes):
-                fpart[l] = T.float32(0)
-            for b in T.serial(blocks):
-                for l in T.vectorized(lanes):
-                    row[b * lanes + l] = T.if_then_else(b * lanes + l < limit,
-                                                        _exp_nonpositive(row[b * lanes + l] - red[0]), T.float32(0))
-                    fpart[l] = fpart[l] + row[b * lanes + l]
-            red[1] = T.float32(0)
-            for l in T.serial(lanes):
-                red[1] = red[1] + fpart[l]
-            for b in T.serial(blocks):
-                for l in T.vectorized(lanes):
+            g = t % kv_heads
+            s = t // kv_heads
+            qb = T.if_then_else(s % 2 == 0, s // 2, nqb - 1 - s // 2)
+            i0 = qb * block
+            nrows = T.min(n - i0, block) * group  # row r: position i0 + r // group, head g * group + r % group
+            nkb = (m - n + i0 + nrows // group + kb - 1) // kb  # key blocks up to the last row's causal limit
+            if quant:
+                red[0] = SC[0] * SC[1] * T.float32(inv_sqrt)
+            else:
+                red[0] = T.float32(inv_sqrt)
+            for r in T.serial(I64(rows_max)):
+                for d in T.vectorized(I64(head_dim)):
                     if quant:
-                        row[b * lanes + l] = _log2_weight(row[b * lanes + l], thresholds, top)
+                        qf[r, d] = T.if_then_else(r < nrows, T.max(T.min(T.floor(
+                            Q[T.min(i0 + r // group, n - 1), g * group + r % group, d] / SC[0] + T.float32(0.5)),
+                            T.float32(127)), T.float32(-127)), T.float32(0))
                     else:
-                        row[b * lanes + l] = row[b * lanes + l] / red[1]
-            for d in T.vectorized(head_dim):
-                acc[d] = T.float32(0)
-            for j in T.serial(limit):
-                for d in T.vectorized(head_dim):
-                    acc[d] = acc[d] + row[j] * T.Cast("float32", V[j, g, d])
-            for d in T.vectorized(head_dim):
-                if quant:
-                    O[i, h, d] = acc[d] * (SC[2] * (T.float32(1) / red[1]))
-                else:
-                    O[i, h, d] = acc[d]
+                        qf[r, d] = T.if_then_else(
+                            r < nrows, Q[T.min(i0 + r // group, n - 1), g * group + r % group, d], T.float32(0))
+                for l in T.vectorized(I64(lanes)):
+                    rmax[r, l] = T.float32(-3.0e38)
+                    rsum[r, l] = T.float32(0)
+                for d in T.vectorized(I64(head_dim)):
+                    acc[r, d] = T.float32(0)
+            for b in T.serial(nkb):
+                for rr in T.serial((nrows + rt - 1) // rt):
+                    for r, l in T.grid(I64(rt), I64(kb)):
+                        tile[r, l] = T.float32(0)
+                    for d in T.serial(I64(head_dim)):
+                        if n <= direct_max:  # keys past m are clamped to a real key, masked below
+                            for r in T.unroll(I64(rt)):
+                                for l in T.vectorized(I64(kb)):
+                                    tile[r, l] = tile[r, l] + qf[rr * rt + r, d] * T.Cast(
+                                        "float32", K[T.min(b * kb + l, m - 1), g, d])
+                        else:
+                            for r in T.unroll(I64(rt)):
+                                for l in T.vectorized(I64(kb)):
+                                    tile[r, l] = tile[r, l] + qf[rr * rt + r, d] * KT[g, d, b * kb + l]
+                    for r in T.unroll(I64(rt)):
+                        for l in T.vectorized(I64(kb)):
+                            sc[rr * rt + r, b * kb + l] = tile[r, l] * red[0]
+                            if use_alibi:
+                                sc[rr * rt + r, b * kb + l] = sc[rr * rt + r, b * kb + l] + SL[
+                                    g * group + (rr * rt + r) % group] * T.Cast("float32", b * kb + l)
+                        for c in T.unroll(I64(kb // lanes)):
+                            for l in T.vectorized(I64(lanes)):
+                                rmax[rr * rt + r, l] = T.max(rmax[rr * rt + r, l], T.Select(
+                                    b * kb + c * lanes + l < m - n + i0 + (rr * rt + r) // group + 1,
+                                    sc[rr * rt + r, b * kb + c * lanes + l], T.float32(-3.0e38)))
+            for r in T.serial(nrows):
+                red[1] = T.float32(-3.0e38)
+                for l in T.serial(I64(lanes)):
+                    red[1] = T.max(red[1], rmax[r, l])
+                rmax[r, 0] = red[1]
+            for b in T.serial(nkb):
+                for r in T.serial(nrows):
+                    if b * kb < m - n + i0 + r // group + 1:
+                        for c in T.unroll(I64(kb // lanes)):
+                            for l in T.vectorized(I64(lanes)):
+                                w[c * lanes + l] = T.Select(
+                                    b * kb + c * lanes + l < m - n + i0 + r // group + 1,
+                                    _exp_nonpositive(sc[r, b * kb + c * lanes + l] - rmax[r, 0]), T.float32(0))
+                                rsum[r, l] = rsum[r, l] + w[c * lanes + l]
+                                if quant:
+                                    w[c * lanes + l] = _log2_weight(w[c * lanes + l], top)
+                        red[1] = T.float32(0)
+                        for jj in T.serial(I64(kb)):
+                            red[1] = T.max(red[1], w[jj])
+                        if red[1] > T.float32(0):  # else all its keys are dropped: adding 0 * v would change nothing
+                            for jj in T.serial(I64(kb)):
+                                if n <= direct_max:  # w is 0 for keys past m, whose V row is clamped to a real one
+                                    for d in T.vectorized(I64(head_dim)):
+                                        acc[r, d] = acc[r, d] + w[jj] * T.Cast(
+                                            "float32", V[T.min(b * kb + jj, m - 1), g, d])
+                                else:
+                                    for d in T.vectorized(I64(head_dim)):
+                                        acc[r, d] = acc[r, d] + w[jj] * VF[g, b * kb + jj, d]
+            for r in T.serial(nrows):
+                red[1] = T.float32(0)
+                for l in T.serial(I64(lanes)):
+                    red[1] = red[1] + rsum[r, l]
+                for d in T.vectorized(I64(head_dim)):
+                    if quant:
+                        O[i0 + r // group, g * group + r % group, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
+                    else:
+                        O[i0 + r // group, g * group + r % group, d] = acc[r, d] / red[1]
 
     return func
 
 
-def _log2_weight(y, thresholds, top: int):
-    """2^-c for the log2 code c of y = p / pmax (0 for the top code), from exponent bits: no log2, no division."""
+#: mantissa bits of float32(sqrt(2)): the log2 code thresholds float32(2^(0.5 - c)) are 2^-c times this float
+_SQRT2_MANTISSA = int(np.float32(np.sqrt(2.0)).view(np.int32)) & 0x7FFFFF
+
+
+def _log2_weight(y, top: int):
+    """2^-c for the log2 code c = clip(floor(-log2(y) + 0.5), 0, top) of y = p / pmax in [0, 1] (0 for the top code),
+    from y's bits: with y = 2^e * mant, c = -e - (mant > sqrt 2), clipped. Equal to counting the float32 thresholds
+    2^(0.5 - c) that y does not exceed (checked on every float32 in [0, 2)); y = 0 gives the top code."""
     from tvm import tirx
 
-    code = _code_of(y, thresholds)
-    bits = tirx.shift_left(tirx.const(127, "int32") - code, tirx.const(23, "int32"))
-    return tirx.Select(code < top, tirx.reinterpret("float32", bits), tirx.const(0.0, "float32"))
-
-
-def _code_of(y, thresholds):
-    """Log2 code of y = p / pmax in (0, 1]: the number of thresholds 2^(0.5 - c) that y does not exceed
-    (= clip(floor(-log2(y) + 0.5), 0, top)); y = 0 (underflow) gives the top code."""
-    from tvm import tirx
-
-    code = tirx.const(0, "int32")
-    for t in thresholds:
-        code = code + tirx.Cast("int32", y <= tirx.const(t, "float32"))
-    return code
+    i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
+    bits = tirx.reinterpret("int32", y)
+    exponent = tirx.shift_right(bits, i32(23)) - i32(127)
+    above = tirx.Cast("int32", tirx.bitwise_and(bits, i32(0x7FFFFF)) > i32(_SQRT2_MANTISSA))
+    code = tirx.min(tirx.max(i32(0) - exponent - above, i32(0)), i32(top))
+    weight = tirx.reinterpret("float32", tirx.shift_left(i32(127) - code, i32(23)))
+    return tirx.Select(code < top, weight, tirx.const(0.0, "float32"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -5,16 +5,26 @@ set, so Relax legalization and dlight leave it alone) for one named target (``ag
 IRModule and call it with ``relax.call_tir``. Weights and feature sizes are static; the token count ``M`` (and the
 key count ``N`` of attention) are symbolic ``int64`` vars, so one compiled function serves prefill (any M) and
 decode (M = 1). Pass ``m=1`` to a linear to get its decode (GEMV) schedule with M fixed to 1.
-Scalars (scales, zero points) are 0-d tensors, as stored in the checkpoint. Integer math follows
+Scalars (v1 scales, zero points) are 0-d tensors, as stored in the checkpoint; v2 per-token scales and zero points
+are per-row tensors computed at run time (quantize_act_token_func). Integer math follows
 docs/checkpoint.md exactly; ``reference`` holds the numpy twin of each kernel (bit-exact on the integer part),
 ``cases`` builds valid random inputs + expected outputs for every kernel.
 
 Linear kernels, x [M, K] -> y [M, N]; parameter order of the returned PrimFunc:
 
-    w4a8_linear_func(N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt="int8")
-    w8a8_linear_func(N, K, target, *, group_size=None, has_bias=False, requant=False, m=None)
-        (xq u8[M,K], wpack, wsum, wscale f32[N,G], act_scale f32[], act_zero i32[], [bias f32[N]],
+    w4a8_linear_func(N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt="int8",
+                     act="tensor", has_wmin=False)
+    w8a8_linear_func(N, K, target, *, group_size=None, has_bias=False, requant=False, m=None,
+                     act="tensor", has_wmin=False)
+        (xq u8[M,K], wpack, wsum, wscale f32[N,G], [wmin f32[N,G]  (has_wmin)], act_scale, act_zero,
+         [xsum i32[M,G]  (has_wmin)], [bias f32[N]],
          [out_scale f32[], out_zero i32[], out_shift u8[N]]  (requant=True),   y f32[M,N] | yq u8[M,N])
+      act="tensor" (checkpoint v1): act_scale f32[], act_zero i32[] (0-d).
+      act="token" (v2): act_scale f32[M], act_zero i32[M], one per row, as quantize_act_token_func writes them.
+      has_wmin=True (v2 float weight offsets, "w_zero": "float"): wmin and the per-row group sums xsum of
+        (xq - zp); needs act="token" (UserError otherwise). Any wzero works (the contract's v2 has wzero = 0).
+        y[m, n] = s_m * sum_g (wscale[n, g] * acc[m, n, g] + wmin[n, g] * xsum[m, g]) + bias[n]
+      requant=True needs act="tensor" (UserError otherwise).
     w4a4_linear_func(N, K, target, *, has_bias=False, m=None)        (per-channel weights only)
         (xq u8[M,K] holding 4-bit codes 0..15, wpack u16, wsum i32[., 2], wscale f32[N,1], act_scale,
          act_zero, [bias], y f32[M,N])
@@ -28,10 +38,17 @@ Linear kernels, x [M, K] -> y [M, N]; parameter order of the returned PrimFunc:
   [N/8, K/4, 8, 4] (AVX2) / [N/16, K/4, 16, 4] (AVX-512) holding q - wzero, int16 tiles for W8A8 on x86,
   [N/4, K/4, 4, 4] on AArch64; ``wfmt="nibble"`` keeps W4A8 weights 4-bit in memory (x86, group % 16 == 0).
   N is padded to the tile inside the packed weights; K must be a multiple of 4 (UserError otherwise).
+  Grouped weights (G > 1) keep their int32 and float tiles in registers (schedule.py): W4A8 g32 at M = 512 on
+  SmolLM2's shapes measured 1.13-1.4x the per-channel time (v1), 1.3-1.55x with v2's per-token zero points and
+  float offsets (was 1.7-7x; Zen 3, shared machine).
 
 Activation quantization (TRIP):
     quantize_act_func(K, bits, target, m=None): (x f32[M,K], act_scale f32[], act_zero i32[], act_shift u8[K],
                                                   xq u8[M,K])
+    quantize_act_token_func(K, bits, target, *, group_size=None, m=None)     (checkpoint v2, per row, dynamic)
+        (x f32[M,K], act_shift u8[K], xq u8[M,K], act_scale f32[M], act_zero i32[M], xsum i32[M,G])
+        G = K // group_size (1 when group_size is None, -1 or K); the four last parameters are outputs, so in
+        Relax it is one call_tir with a tuple of four output types. Bit-exact to reference.quantize_act_token.
 
 Attention (GQA: query head h reads KV head h // (Hq // Hkv)); M queries, N keys, both symbolic; D % 8 == 0:
     qk_int8_func(Hq, Hkv, D, target): (q8 i8[Hq,M,D], k8 i8[Hkv,N,D], q_scale f32[], k_scale f32[],
@@ -58,6 +75,7 @@ _EXPORTS = {
     "pack_w8a8_weights": "layout",
     "pack_w4a4_weights": "layout",
     "quantize_act_func": "quantize",
+    "quantize_act_token_func": "quantize",
     "qk_int8_func": "attention",
     "log2_softmax_quant_func": "attention",
     "attn_v_log2_func": "attention",

@@ -16,14 +16,8 @@ def _scalar(v, dtype):
     return np.array(v, dtype=dtype)
 
 
-def linear_case(kind, N, K, M, target, *, group_size=None, has_bias=False, unit_scales=False, seed=0,
-                extreme=False, requant=False, wfmt="int8"):
-    """Inputs for w4a8 / w8a8 / w4a4 linears. ``unit_scales``: y == float(acc) exactly (integer check).
-    ``extreme``: codes at the ends of their ranges (saturation / overflow check)."""
-    rng = np.random.default_rng(seed)
-    gs = K if group_size in (None, -1) else group_size
-    G = K // gs
-    a_hi = 15 if kind == "w4a4" else 255
+def _weights(kind, N, K, G, target, rng, extreme):
+    """Random weight codes q [N, K] and zero points wz i8[N, G] of a ``kind`` linear (ranges per the contract)."""
     if kind == "w8a8":
         q = rng.integers(-127, 128, (N, K))
         wz = np.zeros((N, G), np.int8) if layout._isa(target) in ("sdot", "neon") else rng.integers(-5, 6, (N, G))
@@ -35,7 +29,26 @@ def linear_case(kind, N, K, M, target, *, group_size=None, has_bias=False, unit_
         if extreme:
             q = np.where(rng.random((N, K)) < 0.5, -8, 7)
             wz = np.where(rng.random((N, G)) < 0.5, -8, 7)
-    wz = np.asarray(wz).astype(np.int8)
+    return q, np.asarray(wz).astype(np.int8)
+
+
+def _pack(kind, q, wz, target, wfmt):
+    if kind == "w4a8":
+        return layout.pack_w4a8_weights(reference.pack_int4(q), wz, target, wfmt=wfmt)
+    if kind == "w8a8":
+        return layout.pack_w8a8_weights(q.astype(np.int8), wz, target)
+    return layout.pack_w4a4_weights(reference.pack_int4(q), wz, target)
+
+
+def linear_case(kind, N, K, M, target, *, group_size=None, has_bias=False, unit_scales=False, seed=0,
+                extreme=False, requant=False, wfmt="int8"):
+    """Inputs for w4a8 / w8a8 / w4a4 linears. ``unit_scales``: y == float(acc) exactly (integer check).
+    ``extreme``: codes at the ends of their ranges (saturation / overflow check)."""
+    rng = np.random.default_rng(seed)
+    gs = K if group_size in (None, -1) else group_size
+    G = K // gs
+    a_hi = 15 if kind == "w4a4" else 255
+    q, wz = _weights(kind, N, K, G, target, rng, extreme)
     xq = rng.integers(0, a_hi + 1, (M, K)).astype(np.uint8)
     zp = int(rng.integers(0, a_hi + 1))
     if extreme:
@@ -48,12 +61,7 @@ def linear_case(kind, N, K, M, target, *, group_size=None, has_bias=False, unit_
         wscale = (rng.random((N, G)) * 0.02 + 0.001).astype(np.float32)
         act_scale = np.float32(rng.random() * 0.1 + 0.01)
     bias = (rng.standard_normal(N)).astype(np.float32) if has_bias else None
-    if kind == "w4a8":
-        packed = layout.pack_w4a8_weights(reference.pack_int4(q), wz, target, wfmt=wfmt)
-    elif kind == "w8a8":
-        packed = layout.pack_w8a8_weights(q.astype(np.int8), wz, target)
-    else:
-        packed = layout.pack_w4a4_weights(reference.pack_int4(q), wz, target)
+    packed = _pack(kind, q, wz, target, wfmt)
     args = [xq, packed["wpack"], packed["wsum"], wscale, _scalar(act_scale, np.float32), _scalar(zp, np.int32)]
     if has_bias:
         args.append(bias)
@@ -70,6 +78,58 @@ def linear_case(kind, N, K, M, target, *, group_size=None, has_bias=False, unit_
     return args, len(args) - 1, expected
 
 
+def token_activations(M, K, rng, bits=8, group_size=None, shift=None):
+    """Realistic per-token quantized activations: rows of different ranges (one all zero, one all positive, one
+    all negative when M allows), a few outlier channels; -> (xq, s, zp, xsum) from the numpy twin."""
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.1, 4.0, (M, 1))).astype(np.float32)
+    x[:, rng.integers(0, K, max(1, K // 64))] *= 20  # outlier channels
+    if M >= 4:
+        x[1] = 0.0
+        x[2] = np.abs(x[2])
+        x[3] = -np.abs(x[3])
+    shift = np.zeros(K, np.uint8) if shift is None else shift
+    return reference.quantize_act_token(x, shift, bits, group_size)
+
+
+def linear_v2_case(kind, N, K, M, target, *, group_size=None, has_wmin=False, has_bias=False, unit_scales=False,
+                   seed=0, extreme=False, wfmt="int8", bound=False):
+    """Inputs for the checkpoint-v2 linears (``act="token"``, optionally ``has_wmin``), in the PrimFunc's order
+    (xq, wpack, wsum, wscale, [wmin], act_scale f32[M], act_zero i32[M], [xsum], [bias], y).
+
+    ``unit_scales``: s = wscale = 1 and integer wmin, so y is an exact integer (integer check of acc and xsum).
+    ``extreme``: codes and per-row zero points at the ends of their ranges. ``bound=True`` also returns the
+    float32 rounding bound of ``reference.linear_error_bound`` (the tolerance of the float epilogue)."""
+    rng = np.random.default_rng(seed)
+    gs = K if group_size in (None, -1) else group_size
+    G = K // gs
+    q, wz = _weights(kind, N, K, G, target, rng, extreme)
+    if has_wmin:  # contract v2: float weight offsets come with a zero integer weight zero point
+        wz = np.zeros_like(wz)
+    xq, s, zp, xsum = token_activations(M, K, rng, 4 if kind == "w4a4" else 8, gs)
+    if extreme:
+        xq = np.where(rng.random((M, K)) < 0.5, 0, 255).astype(np.uint8)
+        zp = np.where(rng.random(M) < 0.5, 0, 255).astype(np.int32)
+        xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, G, gs).sum(axis=2).astype(np.int32)
+    if unit_scales:
+        wscale = np.ones((N, G), np.float32)
+        wmin = rng.integers(-3, 4, (N, G)).astype(np.float32)
+        s = np.ones(M, np.float32)
+    else:
+        wscale = (rng.random((N, G)) * 0.02 + 0.001).astype(np.float32)
+        wmin = (-8.5 * wscale * rng.uniform(0.5, 1.5, (N, G))).astype(np.float32)  # Q4_1-like block minima
+    bias = (rng.standard_normal(N)).astype(np.float32) if has_bias else None
+    packed = _pack(kind, q, wz, target, wfmt)
+    args = [xq, packed["wpack"], packed["wsum"], wscale] + ([wmin] if has_wmin else [])
+    args += [s.astype(np.float32), zp.astype(np.int32)] + ([xsum] if has_wmin else []) + ([bias] if has_bias else [])
+    args.append(np.zeros((M, N), np.float32))
+    wm, xs = (wmin, xsum) if has_wmin else (None, None)
+    expected = reference.linear_v2(xq, s, zp, q, wz, wscale, wm, xs, bias, gs)
+    if not bound:
+        return args, len(args) - 1, expected
+    acc = reference.linear_acc(xq, zp, q, wz, gs)
+    return args, len(args) - 1, expected, reference.linear_error_bound(acc, wscale, s, wm, xs, bias)
+
+
 def quantize_case(K, M, bits, seed=0):
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((M, K)) * 20).astype(np.float32)
@@ -79,6 +139,24 @@ def quantize_case(K, M, bits, seed=0):
     shift = rng.integers(0, 5, K).astype(np.uint8)
     args = [x, _scalar(scale, np.float32), _scalar(zero, np.int32), shift, np.zeros((M, K), np.uint8)]
     return args, 4, reference.quantize_act(x, scale, zero, shift, bits)
+
+
+def quantize_token_case(K, M, bits, *, group_size=None, seed=0):
+    """Inputs of ``quantize_act_token_func`` with rows that test its corners: saturating outliers, an all-zero
+    row, rows of one sign, TRIP shifts; outputs (xq, act_scale, act_zero, xsum) at indices 2..5."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.05, 30.0, (M, 1))).astype(np.float32)
+    x[0, : min(K, 3)] = [1e4, -3.0, 0.0][: min(K, 3)]
+    if M >= 4:
+        x[1] = 0.0
+        x[2] = np.abs(x[2]) + 0.01
+        x[3] = -np.abs(x[3])
+    shift = rng.integers(0, 5, K).astype(np.uint8)
+    gs = K if group_size in (None, -1) else group_size
+    G = K // gs
+    args = [x, shift, np.zeros((M, K), np.uint8), np.zeros(M, np.float32), np.zeros(M, np.int32),
+            np.zeros((M, G), np.int32)]
+    return args, (2, 3, 4, 5), reference.quantize_act_token(x, shift, bits, gs)
 
 
 def qk_case(Hq, Hkv, D, M, N, seed=0, unit_scales=False, causal=False):

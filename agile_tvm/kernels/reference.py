@@ -1,7 +1,8 @@
 """Numpy twins of the TensorIR kernels, written straight from docs/checkpoint.md.
 
 They are the yardstick of the kernel tests: the integer part (accumulators, codes) must match bit for bit;
-the float epilogues use the same float32 operation order as the kernels, so they agree to a few ulps.
+the float epilogues use the same float32 operation order as the kernels, so they agree to a few ulps (v2 linears:
+within ``linear_error_bound``, since the kernels may fuse and reorder the float sum as the contract allows).
 Nothing here is fast; everything is explicit.
 """
 
@@ -44,15 +45,44 @@ def quantize_act(x, act_scale, act_zero, act_shift, bits: int) -> np.ndarray:
     return np.clip(q, 0, 2**bits - 1).astype(np.uint8)
 
 
+def quantize_act_token(x, act_shift, bits: int, group_size=None):
+    """Checkpoint v2 per-token quantization, all float32 -> (xq u8[M,K], s f32[M], zp i32[M], xsum i32[M,G]).
+
+    v = x * 2^-alpha; lo/hi = min/max of the row and 0; s = (hi - lo) / (2^b - 1) (1 for an all-zero row);
+    r = 1 / s; zp = clip(floor(-lo * r + 0.5)); xq = clip(floor(v * r + 0.5) + zp); xsum = group sums of xq - zp.
+    Every product is rounded to float32 before the following add (no fused multiply-add), as the kernel does."""
+    x = np.asarray(x, dtype=np.float32)
+    M, K = x.shape
+    top = np.float32(2**bits - 1)
+    pow2 = np.ldexp(np.float32(1.0), -np.asarray(act_shift, np.int32)).astype(np.float32)
+    v = (x * pow2[None, :]).astype(np.float32)
+    lo = np.minimum(np.float32(0), v.min(axis=1)).astype(np.float32)
+    hi = np.maximum(np.float32(0), v.max(axis=1)).astype(np.float32)
+    s = ((hi - lo) / top).astype(np.float32)
+    s = np.where(s == np.float32(0), np.float32(1), s).astype(np.float32)
+    r = (np.float32(1) / s).astype(np.float32)
+    zp_f = np.floor((-lo * r).astype(np.float32) + np.float32(0.5)).astype(np.float32)
+    zp = np.clip(zp_f, 0, top).astype(np.int32)
+    t = (v * r[:, None]).astype(np.float32)
+    codes = np.floor(t + np.float32(0.5)).astype(np.float32) + zp[:, None].astype(np.float32)
+    xq = np.clip(codes, 0, top).astype(np.uint8)
+    gs = K if group_size in (None, -1) else int(group_size)
+    xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, K // gs, gs).sum(axis=2).astype(np.int32)
+    return xq, s, zp, xsum
+
+
 def linear_acc(xq, act_zero, q, wzero, group_size: int) -> np.ndarray:
-    """Exact integer accumulators acc[m, n, g] = sum_{k in g} (xq - zp) * (q - wzero[n, g]) as int64."""
+    """Exact integer accumulators acc[m, n, g] = sum_{k in g} (xq - zp) * (q - wzero[n, g]) as int64.
+
+    ``act_zero``: one zero point (v1, per tensor) or one per row (v2, per token)."""
     xq = np.asarray(xq, dtype=np.int64)
     q = np.asarray(q, dtype=np.int64)
     wzero = np.asarray(wzero, dtype=np.int64)
     M, K = xq.shape
     N = q.shape[0]
     G = K // group_size
-    xc = (xq - int(act_zero)).reshape(M, G, group_size)
+    zp = np.asarray(act_zero, dtype=np.int64).reshape(-1, 1)
+    xc = (xq - zp).reshape(M, G, group_size)
     wc = (q - np.repeat(wzero, group_size, axis=1)).reshape(N, G, group_size)
     return np.einsum("mgk,ngk->mng", xc, wc)
 
@@ -75,6 +105,49 @@ def linear(xq, act_scale, act_zero, q, wzero, wscale, bias=None, group_size=None
     K = np.asarray(xq).shape[1]
     g = K if group_size in (None, -1) else group_size
     return linear_epilogue(linear_acc(xq, act_zero, q, wzero, g), wscale, act_scale, bias)
+
+
+def linear_epilogue_v2(acc, wscale, act_scale, wmin=None, xsum=None, bias=None) -> np.ndarray:
+    """Checkpoint v2: y = s_m * sum_g (wscale[n, g] * float32(acc_g) + wmin[n, g] * float32(xsum[m, g])) + bias,
+    float32, groups summed in order (the kernels' order; they may fuse the multiply-adds)."""
+    acc32 = np.asarray(acc).astype(np.float32)
+    ws = np.asarray(wscale, dtype=np.float32)
+    s = np.asarray(act_scale, dtype=np.float32).reshape(-1, 1)
+    y = np.zeros(acc32.shape[:2], np.float32)
+    for g in range(ws.shape[1]):
+        t = acc32[:, :, g] * ws[None, :, g]
+        if wmin is not None:
+            t = t + np.asarray(wmin, np.float32)[None, :, g] * np.asarray(xsum)[:, g:g + 1].astype(np.float32)
+        y = (y + t).astype(np.float32)
+    y = y * s
+    if bias is not None:
+        y = y + np.asarray(bias, dtype=np.float32)[None, :]
+    return y.astype(np.float32)
+
+
+def linear_v2(xq, act_scale, act_zero, q, wzero, wscale, wmin=None, xsum=None, bias=None,
+              group_size=None) -> np.ndarray:
+    """The v2 quantized linear: per-row act_scale f32[M] / act_zero i32[M]; optional float offsets wmin f32[N, G]
+    with the per-row group sums xsum i32[M, G] of (xq - zp)."""
+    K = np.asarray(xq).shape[1]
+    g = K if group_size in (None, -1) else group_size
+    return linear_epilogue_v2(linear_acc(xq, act_zero, q, wzero, g), wscale, act_scale, wmin, xsum, bias)
+
+
+def linear_error_bound(acc, wscale, act_scale, wmin=None, xsum=None, bias=None) -> np.ndarray:
+    """Bound on |kernel - linear_v2| from float32 rounding alone: each of the two results is a sum of
+    T = 2G + 2 rounded terms (G products acc*ws, G offsets wmin*xsum, the scale, the bias), so each is within
+    T * 2^-24 * S of the exact value, S = |s| * sum_g (|ws acc| + |wmin xsum|) + |bias| (Higham, recursive
+    summation; fused multiply-adds only remove roundings). The two may differ by twice that."""
+    a = np.abs(np.asarray(acc, np.float64))
+    S = np.einsum("mng,ng->mn", a, np.abs(np.asarray(wscale, np.float64)))
+    G = a.shape[2]
+    if wmin is not None:
+        S = S + np.abs(np.asarray(xsum, np.float64)) @ np.abs(np.asarray(wmin, np.float64)).T
+    S = S * np.abs(np.asarray(act_scale, np.float64)).reshape(-1, 1)
+    if bias is not None:
+        S = S + np.abs(np.asarray(bias, np.float64))[None, :]
+    return 2 * (2 * G + 2) * 2.0**-24 * S
 
 
 def qk_int8(q8, k8, q_scale, k_scale, causal: bool = False) -> np.ndarray:

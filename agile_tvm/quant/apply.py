@@ -82,11 +82,30 @@ def quantize_model(loaded, config: QuantConfig, calib_ids: torch.Tensor | None =
                 shared.clear()
     finally:
         qm.ctx.calibrating = False
+    if config.head_bits:
+        quantize_head(hf, config)
     leftover = [n for n, m in decoder_layers(hf, loaded.arch).named_modules() if isinstance(m, CalibratingLinear)]
     if leftover:
         raise RuntimeError(f"linears never called during calibration: {leftover[:3]}")
     manifest["calibration"]["seconds"] = round(time.time() - t0, 1)
     return out
+
+
+def quantize_head(hf, config: QuantConfig) -> None:
+    """Swap the LM head for an INT8 QuantLinear (RTN, symmetric, groups of 32, per-token INT8 inputs).
+
+    RTN, not GPTQ: 8-bit RTN in groups of 32 already reproduces a Q8_0 head exactly and loses ~nothing otherwise.
+    A tied head gets its own quantized copy; the embedding stays float (it is a lookup, not a matmul)."""
+    from agile_tvm.quant.linear import QuantLinear
+    from agile_tvm.quant.quantizers import ActParams, rtn_quantize
+
+    head = hf.lm_head
+    w = head.weight.detach().float()
+    g = 32 if w.shape[1] % 32 == 0 else -1
+    codes = rtn_quantize(w, 8, g, symmetric=True)
+    act = ActParams(None, None, torch.zeros(w.shape[1], dtype=torch.uint8), 8, "token")
+    bias = head.bias.detach() if getattr(head, "bias", None) is not None else None
+    hf.lm_head = QuantLinear.from_codes(codes, 8, bias, act)
 
 
 def _max_positions(cfg) -> int | None:

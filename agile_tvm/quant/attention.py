@@ -5,7 +5,8 @@ re-implements only the part between them, with the contract's quant points (docs
 - Q and K after RoPE and V: symmetric per-tensor INT8, `clip(floor(x / s + 0.5), -127, 127)`;
 - scores `(q8 . k8) * q_scale * k_scale / sqrt(head_dim)` + mask/ALiBi, softmax in float32;
 - softmax output: log2 codes per query row (paper eq. 3), dequantized `pmax * 2^-c`, top code = 0;
-- AttnV: `v_scale * sum_j p^[i, j] * v8[j, :]` (float32 emulation; the integer shift-add form is the kernels').
+- AttnV: `(v_scale * pmax) * S` with `S = sum_j 2^-c[i, j] * v8[j, :]` summed exactly (float64), as the contract
+  and the kernels compute it.
 Scales are buffers `q_scale`, `k_scale`, `v_scale` on the Hugging Face attention module, so state_dict names are
 the contract's `L.q_scale`. During calibration (`ctx.calibrating`) missing scales are set from the batch by an
 L2-optimal clipping search, then used at once.
@@ -57,12 +58,18 @@ def attention_core(attn, q, k, v, scale: float, pos: torch.Tensor, ctx, alibi_sl
         s = s.masked_fill(future[None], float("-inf"))
         p = torch.softmax(s, dim=-1, dtype=torch.float32)
         if quant:
+            # the contract's AttnV: v_scale * pmax * S with S = sum_j 2^-c v8 exact (float64 holds it: 2^-14 steps,
+            # |S| < 2^7 * n), so every implementation that follows the contract gets the same o to the last bit.
+            # (Summing pmax * 2^-c * v8 in float32 instead rounds each product and the sum: o then sits next to the
+            # lattice the per-token o_proj codes are cut from, and .5 ties break differently - measured 1.6% ppl.)
             bits = ctx.attention.softmax_bits
             c, pmax = log2_codes(p, bits)
+            top = 2**bits - 1
+            w = torch.where(c >= top, torch.zeros_like(c), torch.exp2(-c))
+            o = (w.double() @ v[b].double()).float() * (attn.v_scale * pmax)
             p = log2_dequant(c, pmax, bits)
-        o = p @ v[b]
-        if quant:
-            o = o * attn.v_scale
+        else:
+            o = p @ v[b]
         outs.append(o.transpose(0, 1).reshape(n, heads * d))
         scores.append(p[:, :, 0].sum(0))
     return torch.stack(outs), torch.stack(scores)

@@ -3,7 +3,8 @@
 `CalibratingLinear` stands in for a float `nn.Linear` while its decoder layer runs on the whole calibration batch.
 When called it sees every calibration input of that linear, as produced by the already-quantized layers and
 sublayers before it (GPTQ's sequential, "true sequential" order comes for free from the single pass), and:
-1. searches the static activation quantization (TRIP: layer-wise scale/zero point + alpha_c) on those inputs;
+1. searches the static activation quantization (TRIP: layer-wise scale/zero point + alpha_c) on those inputs
+   (per-token granularity keeps only the TRIP exponents, or none without TRIP: scales are found at run time);
 2. folds 2^alpha_c into the weight columns (exact in float: powers of two);
 3. builds the GPTQ Hessian from the inputs *as the integer linear sees them* (quantized, divided by 2^alpha_c);
 4. quantizes the folded weights (GPTQ or RTN), swaps a `QuantLinear` into its parent, and returns its output,
@@ -19,7 +20,7 @@ from torch import nn
 from agile_tvm.quant.configs import QuantConfig
 from agile_tvm.quant.gptq import HessianAccumulator, gptq_quantize
 from agile_tvm.quant.linear import QuantLinear
-from agile_tvm.quant.quantizers import ActParams, quantize_act, rtn_quantize, trip_search
+from agile_tvm.quant.quantizers import ActParams, fake_quant_act, rtn_quantize, trip_search
 
 
 def fold_shift(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,17 @@ def seen_input(x: torch.Tensor, act: ActParams | None) -> torch.Tensor:
     """The input the integer linear effectively multiplies: (xq - zp) * s, i.e. x * 2^-alpha after quantization."""
     if act is None:
         return x
-    return (quantize_act(x, act) - act.zero.float()) * act.scale
+    return fake_quant_act(x, act) * torch.exp2(-act.shift.to(torch.float32))
+
+
+def activation_params(x: torch.Tensor, a_bits: int, cfg: QuantConfig) -> ActParams:
+    """Static: TRIP search (scale, zero point, exponents). Per token: only the TRIP exponents (all 0 without TRIP);
+    a row's scale and zero point come from the row itself at run time."""
+    k_max = cfg.act.trip_k if cfg.act.trip else 0
+    if cfg.act.granularity == "token":
+        shift = trip_search(x, a_bits, k_max).shift if k_max else torch.zeros(x.shape[-1], dtype=torch.uint8)
+        return ActParams(None, None, shift, a_bits, "token")
+    return trip_search(x, a_bits, k_max, margin=cfg.act.margin)
 
 
 class CalibratingLinear(nn.Module):
@@ -53,25 +64,25 @@ class CalibratingLinear(nn.Module):
         act = None
         if a_bits:
             if ("act", key) not in self.shared:
-                k_max = cfg.act.trip_k if cfg.act.trip else 0
-                self.shared[("act", key)] = trip_search(x, a_bits, k_max, margin=cfg.act.margin)
+                self.shared[("act", key)] = activation_params(x, a_bits, cfg)
             act = self.shared[("act", key)]
         weight = self.linear.weight.detach().to(torch.float64)
         if act is not None:
             weight = fold_shift(weight, act.shift)
         wq = cfg.weight
+        float_zero = wq.zero == "float"
         if wq.method == "gptq":
             if ("h", key) not in self.shared:
                 acc = HessianAccumulator(x.shape[-1])
                 for chunk in x.reshape(-1, x.shape[-1]).split(16384):
                     acc.add(seen_input(chunk, act))
                 self.shared[("h", key)] = acc.h
-            codes, scale, zero = gptq_quantize(weight, self.shared[("h", key)], wq.bits, wq.group_size,
-                                               wq.symmetric, wq.act_order, wq.percdamp)
+            codes = gptq_quantize(weight, self.shared[("h", key)], wq.bits, wq.group_size, wq.symmetric,
+                                  wq.act_order, wq.percdamp, float_zero=float_zero)
         else:
-            codes, scale, zero = rtn_quantize(weight, wq.bits, wq.group_size, wq.symmetric)
+            codes = rtn_quantize(weight, wq.bits, wq.group_size, wq.symmetric, float_zero=float_zero)
         bias = self.linear.bias.detach() if self.linear.bias is not None else None
-        q = QuantLinear.from_codes(codes, scale, zero, wq.bits, bias, act)
+        q = QuantLinear.from_codes(codes, wq.bits, bias, act, float_zero=float_zero)
         setattr(self.parent[0], self.attr, q)
         y = q(x)
         with torch.no_grad():  # the linear's own relative output error, on the first rows (for reports)

@@ -1,8 +1,8 @@
-"""Save and load the quantized checkpoint (`agile-tvm-qckpt` v1, docs/checkpoint.md): safetensors + JSON, no pickle.
+"""Save and load the quantized checkpoint (`agile-tvm-qckpt` v2, docs/checkpoint.md): safetensors + JSON, no pickle.
 
 Layout: `agile_quant.json` (manifest), `config.json` (Hugging Face config), `model.safetensors` (every tensor under
 its Hugging Face module path: `P.qweight`, `P.wscale`, `P.wzero`, `P.bias`, `P.act_scale`, `P.act_zero`,
-`P.act_shift` for each quantized linear P; `L.q_scale`, `L.k_scale`, `L.v_scale` for each quantized attention L;
+`P.act_shift`, and with v2 options `P.wmin`, for each quantized linear P; `L.q_scale`, `L.k_scale`, `L.v_scale` for each quantized attention L;
 float tensors under their usual names), and the tokenizer files.
 Decisions where the contract is silent:
 - a tied LM head (`tie_word_embeddings`) is not stored twice: `lm_head.weight` is absent and re-tied on load;
@@ -28,7 +28,8 @@ from agile_tvm.quant.configs import QuantConfig
 from agile_tvm.quant.linear import QuantLinear
 from agile_tvm.quant.qmodel import QuantizedCausalLM, attention_paths
 
-FORMAT, VERSION = "agile-tvm-qckpt", 1
+FORMAT, VERSION = "agile-tvm-qckpt", 2
+READABLE_VERSIONS = (1, 2)  # v1 = v2 with every linear at act "tensor" and w_zero "int"
 MANIFEST = "agile_quant.json"
 TENSORS = "model.safetensors"
 _INT_DTYPES = {"wzero": torch.int8, "act_zero": torch.int32, "act_shift": torch.uint8}
@@ -44,7 +45,8 @@ def build_manifest(qm: QuantizedModel) -> dict:
     for path, mod in hf.named_modules():
         if isinstance(mod, QuantLinear):
             linears[path] = {"in": mod.in_features, "out": mod.out_features, "w_bits": mod.w_bits,
-                             "a_bits": mod.a_bits, "group_size": mod.group_size, "bias": mod.bias is not None}
+                             "a_bits": mod.a_bits, "group_size": mod.group_size, "bias": mod.bias is not None,
+                             "act": mod.act_granularity, "w_zero": mod.w_zero}
     if cfg.attention is not None:
         for path in attention_paths(hf, model.arch):
             attention[path] = {"qk_bits": cfg.attention.qk_bits, "softmax_bits": cfg.attention.softmax_bits,
@@ -107,9 +109,9 @@ def read_manifest(ckpt: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is corrupt ({err}): re-run quantize") from err
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise UserError(f"{path}: format {manifest.get('format')} v{manifest.get('version')} is not "
-                        f"{FORMAT} v{VERSION}: re-quantize with this agile-tvm")
+                        f"{FORMAT} v{'/'.join(map(str, READABLE_VERSIONS))}: re-quantize with this agile-tvm")
     for key in ("arch", "scheme", "pruning", "linears", "attention"):
         if key not in manifest:
             raise UserError(f"{path} lacks '{key}': the manifest is corrupt, re-run quantize")
@@ -137,13 +139,17 @@ def load_quantized(ckpt_dir) -> QuantizedModel:
         raise UserError(f"{ckpt / TENSORS} is corrupt ({err}): re-run quantize") from err
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     for path, spec in manifest["linears"].items():
-        parent_path, attr = path.rsplit(".", 1)
+        parent_path, _, attr = path.rpartition(".")
         try:
             parent = hf.get_submodule(parent_path)
         except AttributeError as err:
             raise UserError(f"{MANIFEST} names linear {path}, which this architecture lacks: corrupt manifest") from err
+        act, w_zero = spec.get("act", "tensor"), spec.get("w_zero", "int")
+        if act not in ("tensor", "token") or w_zero not in ("int", "float"):
+            raise UserError(f"{MANIFEST}: linear {path} has act={act!r} w_zero={w_zero!r}; expected act tensor|token "
+                            "and w_zero int|float: corrupt manifest, re-run quantize")
         setattr(parent, attr, QuantLinear(spec["in"], spec["out"], spec["w_bits"], spec["a_bits"],
-                                          spec["group_size"], spec["bias"]))
+                                          spec["group_size"], spec["bias"], act, w_zero))
     for path in manifest["attention"]:
         attn = hf.get_submodule(path)
         for name in ("q_scale", "k_scale", "v_scale"):
@@ -164,7 +170,7 @@ def load_quantized(ckpt_dir) -> QuantizedModel:
         hf.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise UserError(f"{ckpt / TENSORS} has tensors of the wrong shape ({str(err)[:200]}): re-run quantize") from err
-    if tied:
+    if tied and "lm_head" not in manifest["linears"]:
         hf.tie_weights()
     qcfg = QuantConfig.from_dict({**manifest["scheme"], "pruning": {
         k: manifest["pruning"][k] for k in ("beta", "start_layer", "end_layer") if k in manifest["pruning"]}})

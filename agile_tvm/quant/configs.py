@@ -2,21 +2,34 @@
 
 A `QuantConfig` says everything `quantize_model` needs; `get_config(name)` returns a fresh copy of a named one:
 
-| name        | weights                | linear inputs          | attention (QK, softmax, AttnV) |
-|-------------|------------------------|------------------------|--------------------------------|
-| fp          | float                  | float                  | float                          |
-| w4a16-rtn   | 4-bit RTN, groups of 32 | float                 | float                          |
-| w4a16-gptq  | 4-bit GPTQ, act order, groups of 32 | float     | float                          |
-| w8a8        | 8-bit GPTQ, symmetric, per channel | INT8 TRIP  | float                          |
-| agileq8     | 4-bit GPTQ, act order, groups of 32 | INT8 TRIP | INT8 Q.K, log2 4-bit, INT8 V   |
-| agileq4     | as agileq8             | INT8 TRIP, INT4 for the attention output projection (o_proj / out_proj / dense) | as agileq8 |
+| name           | weights                                   | linear inputs                 | attention              |
+|----------------|-------------------------------------------|-------------------------------|------------------------|
+| fp             | float                                     | float                         | float                  |
+| w4a16-rtn      | 4-bit RTN, groups of 32, float offsets    | float                         | float                  |
+| w4a16-gptq     | 4-bit GPTQ, act order, g32, float offsets | float                         | float                  |
+| w8a8           | 8-bit GPTQ, symmetric, per channel        | INT8 per token                | float                  |
+| agileq8        | 4-bit GPTQ, act order, g32, float offsets | INT8 per token                | INT8 Q.K, log2 4-bit, INT8 V |
+| agileq4        | as agileq8                                | as agileq8, INT4 per token for the attention output projection | as agileq8 |
+| agileq8-static | 4-bit GPTQ, act order, g32, int zero      | INT8 static layer-wise + TRIP (the paper; checkpoint v1) | as agileq8 |
+
+Why per-token activations and float weight offsets (checkpoint v2), measured on SmolLM2 (fake quantization of
+every linear, handbook, 4 windows of 512 tokens, calibration 16 x 512 Austen tokens, fp 18.92): static layer-wise
+INT8 with TRIP 24.94, per-token asymmetric INT8 19.14 (symmetric 19.51; per-token after TRIP's 2^-alpha 19.29);
+4-bit RTN g32 with an integer zero point 23.42, with a float offset 18.92 (exact: the model ships as Q4_1 blocks of
+32, `d * u + m`). TRIP folding scales weight columns by 2^alpha, which breaks that block grid: float offsets + TRIP
++ per-token 26.56. So the default configs use per-token INT8 without TRIP; TRIP stays the heart of
+`agileq8-static`, the paper's static scheme, and is available to any config (`ActQuant.trip`).
+The LM head (agileq8/agileq4 `head_bits=8`): decode reads every head weight per token (SmolLM2: 113 MB in FP32,
+more than all its layers at 4 bits), so the head is INT8 in groups of 32 (symmetric) with per-token INT8 inputs:
+28 MB. SmolLM2's embedding ships as Q8_0 (symmetric blocks of 32), which this grid reproduces exactly.
+Attention quantization alone (same windows): 19.32 (INT8 Q/K/V alone 18.97, log2 4-bit softmax alone 19.10).
 
 Why groups of 32 for 4-bit weights: measured on SmolLM2 (handbook, one 512-token window, fp 11.21, 2k Austen
 calibration tokens): RTN per output channel 23.2, RTN in groups of 32 16.2; GPTQ per channel (no act order) 50.9,
 i.e. GPTQ with this little out-of-domain calibration overfits (see the report). The embedded model was itself shipped as Q4_1 (blocks of 32), so per-channel 4-bit cannot follow
 its per-block scales. Per-channel remains available (`group_size=-1`, `--group-size -1`).
 
-Why agileq4 makes exactly the attention output projection INT4: the paper allows INT4 "for some activations
+Why agileq4 makes exactly the attention output projection INT4 (per token): the paper allows INT4 "for some activations
 after self-attention"; of the linear inputs that come after attention, the o_proj input (the AttnV output) has no
 outlier channels (it is a convex mix of V rows), while the MLP inputs carry the largest outliers of the model
 (down_proj: 400x the median channel on SmolLM2). Caveat: this choice rests on that argument; it was NOT measured
@@ -45,6 +58,7 @@ class WeightQuant:
     symmetric: bool = False
     act_order: bool = True
     percdamp: float = 0.01
+    zero: str = "int"  # int: integer zero point (v1); float: a float offset per group (v2 `wmin`)
 
 
 @dataclass
@@ -54,6 +68,7 @@ class ActQuant:
     trip_k: int = 6  # alpha_c in {0..trip_k}
     a_bits_by_role: dict = field(default_factory=dict)  # e.g. {"o": 4}
     margin: float = 1.0  # range headroom beyond the calibration extremes (scale *= margin)
+    granularity: str = "tensor"  # tensor: static layer-wise scale (v1, the paper); token: dynamic per row (v2)
 
 
 @dataclass
@@ -94,6 +109,7 @@ class QuantConfig:
     act: ActQuant | None = None  # None: float linear inputs
     attention: AttnQuant | None = None  # None: float attention
     pruning: Pruning = field(default_factory=Pruning)
+    head_bits: int = 0  # 0: float LM head; 8: INT8 weights in groups of 32 (symmetric) with per-token INT8 inputs
 
     def a_bits(self, role: str) -> int:
         if self.act is None:
@@ -105,12 +121,16 @@ class QuantConfig:
             check_bits(self.weight.bits, "weight")
             if self.weight.method not in ("gptq", "rtn"):
                 raise UserError(f"unknown weight method '{self.weight.method}': use gptq or rtn")
+            if self.weight.zero not in ("int", "float"):
+                raise UserError(f"unknown weight zero point '{self.weight.zero}': use int or float")
         if self.act is not None:
             check_bits(self.act.bits, "activation")
             for role, bits in self.act.a_bits_by_role.items():
                 if role not in ROLES:
                     raise UserError(f"unknown linear role '{role}': use one of {', '.join(ROLES)}")
                 check_bits(int(bits), f"activation ({role})")
+            if self.act.granularity not in ("tensor", "token"):
+                raise UserError(f"unknown activation granularity '{self.act.granularity}': use tensor or token")
             if self.act.trip_k < 0 or self.act.trip_k > 7:
                 raise UserError(f"TRIP K must be in 0..7, got {self.act.trip_k}")
         if self.attention is not None:
@@ -118,6 +138,10 @@ class QuantConfig:
                 raise UserError("softmax quantization must be log2 with 3-5 bits")
             if self.attention.qk_bits != 8 or self.attention.v_bits != 8:
                 raise UserError("attention Q/K/V quantization is INT8 only (qk_bits = v_bits = 8)")
+        if self.head_bits not in (0, 8):
+            raise UserError(f"LM head bits must be 0 (float) or 8, got {self.head_bits}")
+        if self.head_bits and self.weight is None:
+            raise UserError("a quantized LM head needs a quantized config (weights quantized too)")
         if not 0.0 <= self.pruning.beta < 1.0:
             raise UserError(f"prune beta must be in [0, 1), got {self.pruning.beta}")
         if self.pruning.start_layer < 0:
@@ -135,19 +159,30 @@ class QuantConfig:
             act=ActQuant(**d["act"]) if d.get("act") else None,
             attention=AttnQuant(**d["attention"]) if d.get("attention") else None,
             pruning=Pruning(**d.get("pruning", {})),
+            head_bits=int(d.get("head_bits", 0)),
         )
 
 
 G4 = 32  # 4-bit weight group size (see the module docstring)
 
+
+def _w4(method: str) -> WeightQuant:
+    return WeightQuant(4, method, G4, act_order=(method == "gptq"), zero="float")
+
+
+def _a(bits: int = 8, **kw) -> ActQuant:
+    return ActQuant(bits, trip=False, granularity="token", **kw)
+
+
 CONFIGS: dict[str, QuantConfig] = {
     "fp": QuantConfig("fp"),
-    "w4a16-rtn": QuantConfig("w4a16-rtn", WeightQuant(4, "rtn", G4, act_order=False)),
-    "w4a16-gptq": QuantConfig("w4a16-gptq", WeightQuant(4, "gptq", G4)),
-    "w8a8": QuantConfig("w8a8", WeightQuant(8, "gptq", symmetric=True), ActQuant(8)),
-    "agileq8": QuantConfig("agileq8", WeightQuant(4, "gptq", G4), ActQuant(8), AttnQuant()),
-    "agileq4": QuantConfig("agileq4", WeightQuant(4, "gptq", G4), ActQuant(8, a_bits_by_role={"o": 4}),
-                           AttnQuant()),
+    "w4a16-rtn": QuantConfig("w4a16-rtn", _w4("rtn")),
+    "w4a16-gptq": QuantConfig("w4a16-gptq", _w4("gptq")),
+    "w8a8": QuantConfig("w8a8", WeightQuant(8, "gptq", symmetric=True), _a()),
+    "agileq8": QuantConfig("agileq8", _w4("gptq"), _a(), AttnQuant(), head_bits=8),
+    "agileq4": QuantConfig("agileq4", _w4("gptq"), _a(a_bits_by_role={"o": 4}), AttnQuant(), head_bits=8),
+    # The paper as written (and checkpoint v1): static layer-wise INT8 with TRIP, integer weight zero points.
+    "agileq8-static": QuantConfig("agileq8-static", WeightQuant(4, "gptq", G4), ActQuant(8), AttnQuant()),
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from agile_tvm.quant.quantizers import quantize_weight, resolve_group_size, weight_params
+from agile_tvm.quant.quantizers import WeightCodes, quantize_weight, resolve_group_size, weight_params
 
 
 class HessianAccumulator:
@@ -39,8 +39,9 @@ class HessianAccumulator:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
-                  act_order: bool = True, percdamp: float = 0.01, blocksize: int = 128):
-    """Quantize `w` [N, K] with Hessian `h` [K, K]. Returns (codes [N, K], scale [N, G], zero [N, G])."""
+                  act_order: bool = True, percdamp: float = 0.01, blocksize: int = 128,
+                  float_zero: bool = False) -> WeightCodes:
+    """Quantize `w` [N, K] with Hessian `h` [K, K]: codes [N, K], scale/zero/offset [N, G]."""
     w = w.detach().to(torch.float64).clone()
     n, k = w.shape
     g = resolve_group_size(group_size, k)
@@ -50,15 +51,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     w[:, dead] = 0
 
     def group_params(cols: torch.Tensor):
-        s, z = weight_params(cols.float(), bits, symmetric)
-        return s.double(), z.double()
+        s, z, o = weight_params(cols.float(), bits, symmetric, float_zero)
+        return s.double(), z.double(), o.double()
 
     scales = torch.zeros(n, k // g, dtype=torch.float64)
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
+    offsets = torch.zeros(n, k // g, dtype=torch.float64)
     static = act_order and g < k
     if static or g == k:
         for gi in range(k // g):
-            scales[:, gi], zeros[:, gi] = group_params(w[:, gi * g:(gi + 1) * g])
+            scales[:, gi], zeros[:, gi], offsets[:, gi] = group_params(w[:, gi * g:(gi + 1) * g])
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
@@ -80,12 +82,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
             if not static and g < k and col % g == 0:
                 # dynamic groups (no act order): params from the current, already error-compensated weights
                 # (as the reference: the block's in-flight updates are not yet in w)
-                scales[:, gi], zeros[:, gi] = group_params(w[:, col:col + g])
-            s, z = scales[:, gi], zeros[:, gi]
+                scales[:, gi], zeros[:, gi], offsets[:, gi] = group_params(w[:, col:col + g])
+            s, z, o = scales[:, gi], zeros[:, gi], offsets[:, gi]
             wc = w1[:, i]
-            qc = quantize_weight(wc[:, None], s, z, bits)[:, 0]
+            qc = quantize_weight(wc[:, None], s, z, bits, o)[:, 0]
             q[:, b0 + i] = qc
-            deq = s * (qc - z)
+            deq = s * (qc - z) + o
             e = (wc - deq) / hinv1[i, i]
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             err1[:, i] = e
@@ -93,7 +95,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
 
     inv = torch.argsort(perm)
     q = q[:, inv]
-    return q.to(torch.float32), scales.to(torch.float32), zeros.to(torch.float32)
+    return WeightCodes(q.to(torch.float32), scales.to(torch.float32), zeros.to(torch.float32),
+                       offsets.to(torch.float32))
 
 
 def _upper_cholesky_of_inverse(h: torch.Tensor) -> torch.Tensor:

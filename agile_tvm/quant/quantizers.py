@@ -3,11 +3,12 @@
 Everything here is plain tensor math on float tensors and integer codes, written to the rounding rules of
 docs/checkpoint.md, so the TVM kernels can be checked against it:
 
-- weights: signed codes, `W = scale * (q - zero)`; 4-bit codes in [-8, 7], 8-bit in [-127, 127]; zero points live
+- weights: signed codes, `W = scale * (q - zero) + offset` (offset = v2's float `wmin`, else 0); 4-bit codes in [-8, 7], 8-bit in [-127, 127]; zero points live
   in the same signed domain (0 when symmetric); granularity per tensor, per output channel, or per group of g inputs.
   Weight rounding is round-half-to-even (`torch.round`), as GPTQ does; only the stored codes matter downstream.
 - activations: unsigned codes, `xq = clip(floor(x * r * 2^-alpha_c + 0.5) + zp, 0, 2^b - 1)` with `r = 1/scale`
-  in float32 and a per-channel power-of-two exponent alpha_c (TRIP; all 0 for plain per-tensor quantization).
+  in float32 and a per-channel power-of-two exponent alpha_c (TRIP; all 0 for plain per-tensor quantization);
+  v2's per-token granularity computes r and zp per row at run time (`token_params`).
 - log2 softmax (paper eq. 3 as the contract fixes it): per query row, `c = clip(floor(-log2(p / pmax) + 0.5), 0,
   2^b - 1)`, the top code meaning "dropped" (0), dequantized `pmax * 2^-c`.
 - symmetric per-tensor INT8 for Q, K, V: `clip(floor(x / s + 0.5), -127, 127)`.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,10 +45,29 @@ def weight_qrange(bits: int) -> tuple[int, int]:
     return (-8, 7) if bits == 4 else (-127, 127)
 
 
-def weight_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and signed zero point for each row of `w` [R, C] (min/max, the range always containing 0)."""
+class WeightCodes(NamedTuple):
+    """A quantized weight: `W = scale * (codes - zero) + offset`, params per row (or per [row, group])."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor  # integer zero point in the signed code domain (0 when symmetric or float_zero)
+    offset: torch.Tensor  # float offset (v2 `wmin`; 0 unless float_zero)
+
+
+def weight_params(w: torch.Tensor, bits: int, symmetric: bool, float_zero: bool = False):
+    """(scale, zero, offset) for each row of `w` [R, C].
+
+    Integer zero point (v1): min/max with the range always containing 0, `zero` rounded to an integer code.
+    Float zero (v2, `float_zero`): the grid spans exactly [min, max] of the row, `offset` = the value of code 0
+    (`min - qmin * scale`). On a model shipped in a block format such as Q4_1 (`d * u + m` per block of 32) this
+    grid reproduces the block exactly, which an integer zero point cannot.
+    """
     qmin, qmax = weight_qrange(bits)
     w = w.float()
+    if float_zero:
+        lo, hi = w.amin(dim=1), w.amax(dim=1)
+        scale = ((hi - lo) / (qmax - qmin)).clamp(min=1e-10)
+        return scale, torch.zeros_like(scale), lo - qmin * scale
     if symmetric:
         amax = w.abs().amax(dim=1).clamp(min=1e-8)
         scale = amax / qmax
@@ -57,30 +78,39 @@ def weight_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Te
         span = (hi - lo).clamp(min=1e-8)
         scale = span / (qmax - qmin)
         zero = (torch.round(-lo / scale) + qmin).clamp(qmin, qmax)
-    return scale, zero
+    return scale, zero, torch.zeros_like(scale)
 
 
-def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed codes of `w` [R, C] with per-row `scale`, `zero` [R] (float tensor holding integers)."""
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                    offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Signed codes of `w` [R, C] with per-row `scale`, `zero` (float tensor holding integers), `offset` [R]."""
     qmin, qmax = weight_qrange(bits)
+    if offset is not None:
+        w = w - offset[:, None]
     return (torch.round(w / scale[:, None]) + zero[:, None]).clamp(qmin, qmax)
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """`W[n, k] = scale[n, k // g] * (q[n, k] - zero[n, k // g])` (the contract's weight dequantization)."""
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                      offset: torch.Tensor | None = None) -> torch.Tensor:
+    """`W[n, k] = scale[n, k // g] * (q[n, k] - zero[n, k // g]) + offset[n, k // g]` (the contract's rule)."""
     s = scale.repeat_interleave(group_size, dim=1)
     z = zero.to(torch.float32).repeat_interleave(group_size, dim=1)
-    return s * (q.to(torch.float32) - z)
+    w = s * (q.to(torch.float32) - z)
+    if offset is not None:
+        w = w + offset.to(torch.float32).repeat_interleave(group_size, dim=1)
+    return w
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """Round-to-nearest: returns (codes [N, K], scale [N, G], zero [N, G]) for groups of `group_size` inputs."""
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 float_zero: bool = False) -> WeightCodes:
+    """Round-to-nearest: codes [N, K] and scale/zero/offset [N, G] for groups of `group_size` inputs."""
     n, k = w.shape
     g = resolve_group_size(group_size, k)
     wg = w.float().reshape(n, k // g, g).reshape(-1, g)
-    scale, zero = weight_params(wg, bits, symmetric)
-    q = quantize_weight(wg, scale, zero, bits).reshape(n, k)
-    return q, scale.reshape(n, k // g), zero.reshape(n, k // g)
+    scale, zero, offset = weight_params(wg, bits, symmetric, float_zero)
+    q = quantize_weight(wg, scale, zero, bits, offset).reshape(n, k)
+    shape = (n, k // g)
+    return WeightCodes(q, scale.reshape(shape), zero.reshape(shape), offset.reshape(shape))
 
 
 def resolve_group_size(group_size: int, k: int) -> int:
@@ -94,26 +124,57 @@ def resolve_group_size(group_size: int, k: int) -> int:
 # ------------------------------------------------------------------------------------------- activations
 @dataclass
 class ActParams:
-    """Static activation quantization of one linear input: layer-wise scale/zero point and TRIP exponents."""
+    """Activation quantization of one linear input.
 
-    scale: torch.Tensor  # float32 []
-    zero: torch.Tensor  # int32 []
+    granularity "tensor" (v1, static): layer-wise `scale`/`zero` from calibration plus TRIP exponents `shift`.
+    granularity "token" (v2, dynamic): `scale`/`zero` are None; each row gets its own at run time
+    (`token_params`); `shift` still divides channels by 2^alpha first (all 0 without TRIP).
+    """
+
+    scale: torch.Tensor | None  # float32 []
+    zero: torch.Tensor | None  # int32 []
     shift: torch.Tensor  # uint8 [K]
     bits: int
+    granularity: str = "tensor"
+
+
+def token_params(v: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale [..., 1], zero point [..., 1]) of `v` (x already divided by 2^alpha), contract v2, float32:
+    s = (max(0, max v) - min(0, min v)) / (2^b - 1), 1 for an all-zero row; zp = clip(floor(-lo * (1/s) + 0.5))."""
+    levels = float(2**bits - 1)
+    lo = v.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = v.amax(dim=-1, keepdim=True).clamp(min=0)
+    s = (hi - lo) / torch.tensor(levels, dtype=torch.float32)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    r = torch.tensor(1.0, dtype=torch.float32) / s
+    zp = torch.floor(-lo * r + 0.5).clamp(0, levels)
+    return s, zp
+
+
+def quantize_act_rows(x: torch.Tensor, p: ActParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [..., K], scale [..., 1], zero [..., 1]) as float32 exact integers/values, for either granularity."""
+    x = x.to(torch.float32)
+    inv_pow = torch.exp2(-p.shift.to(torch.float32))
+    if p.granularity == "token":
+        v = x * inv_pow
+        s, zp = token_params(v, p.bits)
+        r = torch.tensor(1.0, dtype=torch.float32) / s
+        return (torch.floor(v * r + 0.5) + zp).clamp(0, 2**p.bits - 1), s, zp
+    r = torch.tensor(1.0, dtype=torch.float32) / p.scale.to(torch.float32)
+    v = torch.floor(x * r * inv_pow + 0.5) + p.zero.to(torch.float32)
+    s = p.scale.to(torch.float32).reshape([1] * x.dim())
+    return v.clamp(0, 2**p.bits - 1), s, p.zero.to(torch.float32).reshape([1] * x.dim())
 
 
 def quantize_act(x: torch.Tensor, p: ActParams) -> torch.Tensor:
     """Unsigned codes of `x` [..., K] as float32 (exact integers), by the contract's float32 rounding rule."""
-    r = torch.tensor(1.0, dtype=torch.float32) / p.scale.to(torch.float32)
-    inv_pow = torch.exp2(-p.shift.to(torch.float32))
-    v = torch.floor(x.to(torch.float32) * r * inv_pow + 0.5) + p.zero.to(torch.float32)
-    return v.clamp(0, 2**p.bits - 1)
+    return quantize_act_rows(x, p)[0]
 
 
 def fake_quant_act(x: torch.Tensor, p: ActParams) -> torch.Tensor:
     """What the integer linear sees of `x`, in the input's units (TRIP factors undone): for error measurement."""
-    xq = quantize_act(x, p)
-    return (xq - p.zero.to(torch.float32)) * p.scale * torch.exp2(p.shift.to(torch.float32))
+    xq, s, zp = quantize_act_rows(x, p)
+    return (xq - zp) * s * torch.exp2(p.shift.to(torch.float32))
 
 
 def _uniform_codes_error(x, lo: float, hi: float, bits: int, shifts: torch.Tensor):

@@ -1,0 +1,60 @@
+"""The frontend's blocked causal attention (`tir_ops.attention_blocked`, what every compiled model runs) equals the
+plain whole-matrix loops that state the contract's math (`tir_ops.attention`), for INT8 (log2 softmax) and float
+K/V, GQA, ALiBi, odd head sizes, a prefill chunk after cached keys (n < m), decode (n = 1) and other chunks of at most
+ATTN_DIRECT_MAX_QUERIES queries (K/V read in place, no float copies), and enough positions for several query blocks
+and key blocks with a ragged end.
+
+Tolerance rtol 1e-5 / atol 1e-6 (outputs ~1): the two differ only by float32 summation order, the exp polynomial
+vs libm exp, and the order of the score scale's multiplies (~1e-7 relative each); the integer parts (INT8 Q.K,
+log2 codes) agree exactly on these inputs, and a single differing log2 code would move an output by ~1e-2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+CASES = [  # heads, kv_heads, head_dim, kv dtype, alibi, n queries, m keys
+    (9, 3, 64, "int8", False, 37, 37),
+    (9, 3, 64, "int8", False, 5, 50),
+    (9, 3, 64, "int8", False, 1, 23),
+    (9, 3, 64, "int8", False, 4, 40),
+    (4, 4, 12, "int8", True, 19, 19),
+    (3, 1, 32, "int8", False, 203, 203),
+    (4, 2, 16, "float32", False, 21, 21),
+    (4, 4, 16, "float32", True, 1, 9),
+    (4, 4, 16, "float32", True, 3, 30),
+    (2, 2, 8, "float32", False, 70, 90),
+]
+
+
+def _run(func, arrays, out_shape):
+    import tvm
+
+    from agile_tvm.targets import get_target
+
+    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=get_target("host"))
+    dev = tvm.cpu()
+    args = [tvm.runtime.tensor(a, dev) for a in arrays] + [tvm.runtime.tensor(np.zeros(out_shape, "float32"), dev)]
+    ex.mod["main"](*args)
+    return args[-1].numpy()
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,alibi,n,m", CASES)
+def test_blocked_attention_equals_plain_loops(heads, kv_heads, head_dim, dtype, alibi, n, m):
+    from agile_tvm.frontend import tir_ops
+
+    rng = np.random.RandomState(n * 1000 + m)
+    q = rng.randn(n, heads, head_dim).astype("float32")
+    if dtype == "int8":
+        k = rng.randint(-127, 128, (m, kv_heads, head_dim)).astype("int8")
+        v = rng.randint(-127, 128, (m, kv_heads, head_dim)).astype("int8")
+    else:
+        k = rng.randn(m, kv_heads, head_dim).astype("float32")
+        v = rng.randn(m, kv_heads, head_dim).astype("float32")
+    scales = np.array([0.02, 0.05, 0.01], "float32")  # q, k, v scales: INT8 scores use every log2 code, top too
+    slopes = (rng.rand(heads) * 0.2).astype("float32")
+    arrays = (q, k, v, scales, slopes)
+    want = _run(tir_ops.attention(heads, kv_heads, head_dim, dtype, 4, alibi), arrays, q.shape)
+    got = _run(tir_ops.attention_blocked(heads, kv_heads, head_dim, dtype, 4, alibi), arrays, q.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
