@@ -38,32 +38,30 @@ def resolve_config(args):
     from agile_tvm.quant.configs import get_config
 
     cfg = get_config(args.config)
+
+    def section(part: str, flag: str):
+        """The config's weight or act part, or a one-line error when the config leaves that part float."""
+        value = getattr(cfg, part)
+        if value is None:
+            what, fix = (("weights", "a quantized config") if part == "weight"
+                         else ("activations", "w8a8/agileq8/agileq4"))
+            raise UserError(f"config '{args.config}' has float {what}: {flag} needs {fix}")
+        return value
+
     if args.w_bits is not None:
-        if cfg.weight is None:
-            raise UserError(f"config '{args.config}' has float weights: --w-bits needs a quantized config")
-        cfg.weight.bits = args.w_bits
-        cfg.weight.symmetric = cfg.weight.symmetric or args.w_bits == 8
+        w = section("weight", "--w-bits")
+        w.bits, w.symmetric = args.w_bits, w.symmetric or args.w_bits == 8
     if args.a_bits is not None:
-        if cfg.act is None:
-            raise UserError(f"config '{args.config}' has float activations: --a-bits needs w8a8/agileq8/agileq4")
-        cfg.act.bits = args.a_bits
+        section("act", "--a-bits").bits = args.a_bits
     if args.group_size is not None:
-        if cfg.weight is None:
-            raise UserError(f"config '{args.config}' has float weights: --group-size needs a quantized config")
-        cfg.weight.group_size = args.group_size
+        section("weight", "--group-size").group_size = args.group_size
     if args.trip_k is not None:
-        if cfg.act is None:
-            raise UserError(f"config '{args.config}' has float activations: --trip-k needs w8a8/agileq8/agileq4")
-        cfg.act.trip_k = args.trip_k
-        cfg.act.trip = args.trip_k > 0
+        a = section("act", "--trip-k")
+        a.trip_k, a.trip = args.trip_k, args.trip_k > 0
     if args.act_granularity is not None:
-        if cfg.act is None:
-            raise UserError(f"config '{args.config}' has float activations: --act-granularity needs w8a8/agileq8/agileq4")
-        cfg.act.granularity = args.act_granularity
+        section("act", "--act-granularity").granularity = args.act_granularity
     if args.w_zero is not None:
-        if cfg.weight is None:
-            raise UserError(f"config '{args.config}' has float weights: --w-zero needs a quantized config")
-        cfg.weight.zero = args.w_zero
+        section("weight", "--w-zero").zero = args.w_zero
     cfg.pruning.beta = args.prune_beta
     cfg.pruning.start_layer = args.prune_start
     return cfg.validate()
