@@ -14,22 +14,7 @@ tvm = pytest.importorskip("tvm")
 from agile_tvm.errors import UserError  # noqa: E402
 from agile_tvm.kernels import cases, reference  # noqa: E402
 
-TARGET = "host"
-_built = {}
-
-
-def run(func, args, out_idx):
-    """Compile (cached by symbol) and run func on numpy args; returns the output array(s)."""
-    from agile_tvm.kernels import build
-
-    name = str(func.attrs["global_symbol"])
-    if name not in _built:
-        _built[name] = build(func, TARGET)
-    targs = [tvm.runtime.tensor(np.array(a, order="C"), tvm.cpu()) for a in args]
-    _built[name][name](*targs)
-    if isinstance(out_idx, tuple):
-        return tuple(targs[i].numpy() for i in out_idx)
-    return targs[out_idx].numpy()
+from test_kernels_linear import TARGET, run  # noqa: E402  (one compile-and-run helper with its build cache)
 
 
 def within_bound(got, want, bound):
