@@ -171,12 +171,14 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
         print(f"skip {spec} on {corpus_name}: already in {args.out}", flush=True)
         return
     qm = qm or get_model(args, name, beta, loaded_cache)
-    pkey = json.dumps([model_name, corpus_name, spec, args.seq_len, args.calib_samples, args.calib_seq_len,
-                       args.calib_corpus, args.prune_start])
+    use_tvm = args.backend == "tvm" and name != "fp" and beta == 0
+    pkey = [model_name, corpus_name, spec, args.seq_len, args.calib_samples, args.calib_seq_len,
+            args.calib_corpus, args.prune_start]
+    pkey = json.dumps(pkey + ["tvm"] if use_tvm else pkey)  # the backends differ in float noise: never mixed
     per_window = partial.setdefault(pkey, [])
     forward = forward_fn_for(qm.model)
     backend = "torch"
-    if args.backend == "tvm" and name != "fp" and beta == 0:
+    if use_tvm:
         forward, backend = compiled_forward(args, name, qm), "tvm"
     base["backend"] = backend
     if name == "fp" and beta == 0:  # Hugging Face's own forward (sdpa) is faster and equal (tested)
@@ -196,6 +198,7 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
         print(f"{spec} {corpus_name} window {w + 1}/{len(windows)}: ppl {r['ppl']:.3f} "
               f"({r['seconds']:.0f} s) running ppl {math.exp(sum(e['nll'] for e in per_window) / sum(e['n'] for e in per_window)):.3f}",
               flush=True)
+    per_window = per_window[:len(windows)]  # the sidecar may hold more windows from a longer run
     sparsity = sum(e["sparsity"] for e in per_window) / len(per_window)
     common = {**base, "token_sparsity": round(sparsity, 5),
               "calibration": None if name == "fp" else {"corpus": args.calib_corpus, "samples": args.calib_samples,
@@ -209,9 +212,7 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
         new.append({**common, "protocol": "pruned-labels-dropped", "tokens": n_kept,
                     "ppl": math.exp(sum(e["nll_kept"] for e in per_window) / n_kept)})
     records[:] = [r for r in records if record_key(r) not in {record_key(n) for n in new}] + new
-    write_json(Path(args.out), records)
-    partial.pop(pkey, None)
-    write_json(Path(args.out).with_suffix(".partial.json"), partial)
+    write_json(Path(args.out), records)  # the sidecar keeps its windows: a longer run later starts after them
     for r in new:
         print(json.dumps(r), flush=True)
     del torch

@@ -43,6 +43,14 @@ def test_select_tokens_keeps_first_and_order():
     assert out.tolist() == [[0, 2, 5], [0, 8, 9]]
 
 
+def test_select_tokens_breaks_ties_by_earlier_token():
+    """The compiled prefill must pick the same tokens, so ties (common with log2 probabilities) are defined."""
+    kept = torch.arange(8)[None]
+    scores = torch.tensor([[0.0, 1, 2, 2, 1, 2, 2, 1]])
+    assert select_tokens(kept, scores, 4).tolist() == [[0, 2, 3, 5]]
+    assert select_tokens(kept, scores, 6).tolist() == [[0, 1, 2, 3, 5, 6]]
+
+
 def _pruned_model(arch="llama", beta=0.5):
     lm = tiny_model(arch, num_hidden_layers=3)
     cfg = get_config("fp")

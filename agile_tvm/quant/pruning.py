@@ -12,37 +12,22 @@ Token sparsity (eq. 10, normalised): 1 - (sum over layers of tokens processed) /
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-
-def keep_count(n: int, gamma: float) -> int:
-    """Tokens kept out of n by one pruning layer (at least 1: the first token)."""
-    return max(1, math.ceil((1.0 - gamma) * n - 1e-9))
-
-
-def schedule_counts(seq_len: int, num_layers: int, prune_layers: list[int], gamma: float) -> list[int]:
-    """Tokens processed by each layer for a sequence of seq_len tokens."""
-    n, counts = seq_len, []
-    for layer in range(num_layers):
-        if layer in prune_layers:
-            n = keep_count(n, gamma)
-        counts.append(n)
-    return counts
-
-
-def token_sparsity(counts: list[int], seq_len: int) -> float:
-    return 1.0 - sum(counts) / (len(counts) * seq_len)
+from agile_tvm.prune_schedule import keep_count, schedule_counts, token_sparsity  # noqa: F401 (re-exported)
 
 
 def select_tokens(kept: torch.Tensor, scores: torch.Tensor, n_keep: int) -> torch.Tensor:
-    """Positions [B, n_keep] to keep from `kept` [B, n] (sorted positions) by `scores` [B, n]; first always kept."""
+    """Positions [B, n_keep] to keep from `kept` [B, n] (sorted positions) by `scores` [B, n]; first always kept.
+
+    Equal scores are common (sums of log2-quantized probabilities), so the order is defined, not left to topk:
+    higher score first, and among equal scores the earlier token. The compiled prefill selects the same way.
+    """
     if n_keep >= kept.shape[1]:
         return kept
     scores = scores.clone()
     scores[:, 0] = float("inf")  # kept[:, 0] is the first token of the sequence
-    top = torch.topk(scores, n_keep, dim=1).indices
+    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n_keep]
     top, _ = torch.sort(top, dim=1)
     return torch.gather(kept, 1, top)
 
