@@ -34,6 +34,11 @@ class LinearEmitter:
                                      array=dequantized_weight(self.ckpt, prefix))
         return self.integer_linear(x, spec, k, n_out)
 
+    def linears(self, x, prefixes: list[str], k: int, n_outs: list[int]) -> list:
+        """Several linears reading the same x (q/k/v, gate/up): one output each. They are emitted one by one;
+        linears with equal activation quantization share one quantizer call (see `quantize_act_*`)."""
+        return [self.linear(x, p, k, n) for p, n in zip(prefixes, n_outs)]
+
     def integer_linear(self, x, spec: LinearSpec, k: int, n_out: int):
         """The contract's integer linear on `agile_tvm.kernels` (weights packed to its layout at export).
 

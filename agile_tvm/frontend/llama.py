@@ -53,9 +53,7 @@ class Llama:
         for i in range(self.num_layers):
             p = f"model.layers.{i}"
             h = g.rms_norm(x, f"{p}.input_layernorm.weight", self.eps)
-            q = g.linear(h, f"{p}.self_attn.q_proj", self.hidden, H * D)
-            k = g.linear(h, f"{p}.self_attn.k_proj", self.hidden, KVH * D)
-            v = g.linear(h, f"{p}.self_attn.v_proj", self.hidden, KVH * D)
+            q, k, v = g.linears(h, [f"{p}.self_attn.{t}_proj" for t in "qkv"], self.hidden, [H * D, KVH * D, KVH * D])
             q = g.rope(g.emit(R.reshape(q, [n, H, D])), cos, sin, H, D)
             k = g.rope(g.emit(R.reshape(k, [n, KVH, D])), cos, sin, KVH, D)
             v = g.emit(R.reshape(v, [n, KVH, D]))
@@ -67,8 +65,7 @@ class Llama:
             o = g.linear(attn, f"{p}.self_attn.o_proj", H * D, self.hidden)
             x = g.emit(R.add(x, o))
             h = g.rms_norm(x, f"{p}.post_attention_layernorm.weight", self.eps)
-            gate = g.linear(h, f"{p}.mlp.gate_proj", self.hidden, self.inter)
-            up = g.linear(h, f"{p}.mlp.up_proj", self.hidden, self.inter)
+            gate, up = g.linears(h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], self.hidden, [self.inter] * 2)
             if self.inter % 8 == 0:
                 gv = g.tir(f"swiglu_{self.inter}", tir_ops.swiglu(self.inter))
                 act = g.emit(relax.call_tir(gv, [gate, up], relax.TensorType([n, self.inter], "float32")))

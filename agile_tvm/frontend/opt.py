@@ -45,9 +45,8 @@ class Opt:
         for i in range(self.num_layers):
             p = f"model.decoder.layers.{i}"
             h = g.layer_norm(x, f"{p}.self_attn_layer_norm", eps) if self.pre_norm else x
-            q = g.emit(R.reshape(g.linear(h, f"{p}.self_attn.q_proj", self.hidden, self.hidden), [n, H, D]))
-            k = g.emit(R.reshape(g.linear(h, f"{p}.self_attn.k_proj", self.hidden, self.hidden), [n, H, D]))
-            v = g.emit(R.reshape(g.linear(h, f"{p}.self_attn.v_proj", self.hidden, self.hidden), [n, H, D]))
+            qkv = g.linears(h, [f"{p}.self_attn.{t}_proj" for t in "qkv"], self.hidden, [self.hidden] * 3)
+            q, k, v = (g.emit(R.reshape(t, [n, H, D])) for t in qkv)
             attn, cache = g.attention(q, k, v, f"{p}.self_attn", H, H, D, caches[i] if caches else None)
             new_caches.append(cache)
             x = g.emit(R.add(x, g.linear(attn, f"{p}.self_attn.out_proj", self.hidden, self.hidden)))
