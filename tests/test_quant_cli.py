@@ -19,12 +19,27 @@ def _run(capsys, *argv):
     (["--config", "w4a16-gptq", "--a-bits", "4"], "float activations"),
     (["--config", "w9a9"], "unknown quantization config 'w9a9'"),
     (["--config", "agileq8", "--prune-beta", "1.5"], "prune beta must be in [0, 1)"),
+    (["--config", "w8a8", "--smooth", "1.2"], "smoothing quantile must be in [0, 1)"),
+    (["--config", "agileq8", "--smooth", "0.9", "--act-granularity", "tensor"], "smoothing is for per-token"),
 ])
 def test_bad_config_arguments(tmp_path, capsys, argv, needle):
     code, err = _run(capsys, *argv, "--out", str(tmp_path / "o"))
     assert code == 2
     assert needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_smoothing_flags_resolve():
+    from agile_tvm.cli import build_parser
+    from agile_tvm.commands.quantize import resolve_config
+
+    def cfg(*argv):
+        return resolve_config(build_parser().parse_args(["quantize", *argv, "--out", "o"]))
+
+    assert cfg("--config", "w8a8").act.smooth == 0.99
+    capped = cfg("--config", "w8a8", "--trip-k", "3").act
+    assert (capped.smooth, capped.trip_k, capped.trip) == (0.99, 3, False)
+    assert cfg("--config", "w8a8", "--smooth", "0").act.smooth == 0.0
 
 
 def test_missing_model_path(tmp_path, capsys):

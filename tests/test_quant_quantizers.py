@@ -8,7 +8,7 @@ from agile_tvm.quant.calibrate import fold_shift
 from agile_tvm.quant.linear import pack_int4, unpack_int4
 from agile_tvm.quant.quantizers import (ActParams, dequantize_weight, fake_quant_act, log2_codes, log2_dequant,
                                         quantize_act, quantize_act_rows, quantize_sym8, rtn_quantize,
-                                        trip_search)
+                                        smooth_shifts, trip_search)
 
 
 
@@ -111,6 +111,21 @@ def test_trip_beats_per_tensor_int8_on_outlier_channels():
     err_plain = ((fake_quant_act(x, plain) - x) ** 2).sum()
     err_trip = ((fake_quant_act(x, trip) - x) ** 2).sum()
     assert err_trip < 0.25 * err_plain
+
+
+def test_pow2_smoothing_shrinks_only_outlier_channels_and_helps_per_token_int8():
+    torch.manual_seed(0)
+    x = torch.randn(512, 64)
+    x[:, [3, 17, 40]] *= torch.tensor([60.0, 120.0, 300.0])
+    shift = smooth_shifts(x, 0.9, 7)
+    assert shift.nonzero().flatten().tolist() == [3, 17, 40]
+    assert shift.tolist()[40] == 7 and shift.tolist()[17] >= 6  # log2(300) ~ 8.2 is clipped to k_max
+    plain = ActParams(None, None, torch.zeros(64, dtype=torch.uint8), 8, "token")
+    smooth = ActParams(None, None, shift, 8, "token")
+    ordinary = [c for c in range(64) if c not in (3, 17, 40)]
+    err_plain = ((fake_quant_act(x, plain) - x)[:, ordinary] ** 2).sum()
+    err_smooth = ((fake_quant_act(x, smooth) - x)[:, ordinary] ** 2).sum()
+    assert err_smooth < 0.1 * err_plain
 
 
 def test_folding_is_exact_in_fp64():

@@ -18,7 +18,10 @@ def register(sub) -> None:
     p.add_argument("--a-bits", type=int, default=None, help="override the activation bits (4 or 8)")
     p.add_argument("--group-size", type=int, default=None, help="weight group size (-1: per output channel)")
     p.add_argument("--trip-k", type=int, default=None,
-                   help="TRIP: largest power-of-two exponent per channel (0 turns TRIP off)")
+                   help="TRIP: largest power-of-two exponent per channel (0 turns TRIP off; with --smooth: its cap)")
+    p.add_argument("--smooth", type=float, default=None,
+                   help="power-of-two smoothing of outlier channels for per-token activations: the quantile of the "
+                        "channel maxima above which channels are scaled down (w8a8 default 0.99; 0 turns it off)")
     p.add_argument("--act-granularity", choices=("token", "tensor"), default=None,
                    help="activation scales: per token at run time (default configs) or static layer-wise (paper)")
     p.add_argument("--w-zero", choices=("float", "int"), default=None,
@@ -55,9 +58,12 @@ def resolve_config(args):
         section("act", "--a-bits").bits = args.a_bits
     if args.group_size is not None:
         section("weight", "--group-size").group_size = args.group_size
+    if args.smooth is not None:
+        section("act", "--smooth").smooth = args.smooth
     if args.trip_k is not None:
         a = section("act", "--trip-k")
-        a.trip_k, a.trip = args.trip_k, args.trip_k > 0
+        # with smoothing on, K only caps its exponents; otherwise it switches TRIP on (K > 0) or off
+        a.trip_k, a.trip = args.trip_k, args.trip_k > 0 and not a.smooth
     if args.act_granularity is not None:
         section("act", "--act-granularity").granularity = args.act_granularity
     if args.w_zero is not None:

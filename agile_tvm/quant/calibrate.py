@@ -20,7 +20,7 @@ from torch import nn
 from agile_tvm.quant.configs import QuantConfig
 from agile_tvm.quant.gptq import HessianAccumulator, gptq_quantize
 from agile_tvm.quant.linear import QuantLinear
-from agile_tvm.quant.quantizers import ActParams, fake_quant_act, rtn_quantize, trip_search
+from agile_tvm.quant.quantizers import ActParams, fake_quant_act, rtn_quantize, smooth_shifts, trip_search
 
 
 def fold_shift(weight: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,12 @@ def activation_params(x: torch.Tensor, a_bits: int, cfg: QuantConfig) -> ActPara
     a row's scale and zero point come from the row itself at run time."""
     k_max = cfg.act.trip_k if cfg.act.trip else 0
     if cfg.act.granularity == "token":
-        shift = trip_search(x, a_bits, k_max).shift if k_max else torch.zeros(x.shape[-1], dtype=torch.uint8)
+        if cfg.act.smooth:
+            shift = smooth_shifts(x, cfg.act.smooth, cfg.act.trip_k)
+        elif k_max:
+            shift = trip_search(x, a_bits, k_max).shift
+        else:
+            shift = torch.zeros(x.shape[-1], dtype=torch.uint8)
         return ActParams(None, None, shift, a_bits, "token")
     return trip_search(x, a_bits, k_max, margin=cfg.act.margin)
 

@@ -7,7 +7,7 @@ A `QuantConfig` says everything `quantize_model` needs; `get_config(name)` retur
 | fp             | float                                     | float                         | float                  |
 | w4a16-rtn      | 4-bit RTN, groups of 32, float offsets    | float                         | float                  |
 | w4a16-gptq     | 4-bit GPTQ, act order, g32, float offsets | float                         | float                  |
-| w8a8           | 8-bit GPTQ, symmetric, per channel        | INT8 per token                | float                  |
+| w8a8           | 8-bit GPTQ, g32, float offsets            | INT8 per token, pow2 smoothing | float                 |
 | agileq8        | 4-bit GPTQ, act order, g32, float offsets | INT8 per token                | INT8 Q.K, log2 4-bit, INT8 V |
 | agileq4        | as agileq8                                | as agileq8, INT4 per token for the attention output projection | as agileq8 |
 | agileq8-static | 4-bit GPTQ, act order, g32, int zero      | INT8 static layer-wise + TRIP (the paper; checkpoint v1) | as agileq8 |
@@ -69,6 +69,10 @@ class ActQuant:
     a_bits_by_role: dict = field(default_factory=dict)  # e.g. {"o": 4}
     margin: float = 1.0  # range headroom beyond the calibration extremes (scale *= margin)
     granularity: str = "tensor"  # tensor: static layer-wise scale (v1, the paper); token: dynamic per row (v2)
+    # Power-of-two smoothing (w8a8): channels whose calibration max exceeds this quantile of all channels' maxima
+    # are divided by 2^floor(log2(max / quantile)) (at most 2^trip_k), folded into the weights like TRIP's factors;
+    # 0: off. Unlike TRIP's L2 search (made for one layer-wise scale), it only tames outlier channels.
+    smooth: float = 0.0
 
 
 @dataclass
@@ -133,6 +137,12 @@ class QuantConfig:
                 raise UserError(f"unknown activation granularity '{self.act.granularity}': use tensor or token")
             if self.act.trip_k < 0 or self.act.trip_k > 7:
                 raise UserError(f"TRIP K must be in 0..7, got {self.act.trip_k}")
+            if not 0.0 <= self.act.smooth < 1.0:
+                raise UserError(f"smoothing quantile must be in [0, 1) (0: off), got {self.act.smooth}")
+            if self.act.smooth and self.act.granularity != "token":
+                raise UserError("power-of-two smoothing is for per-token activations: use act granularity token")
+            if self.act.smooth and self.act.trip:
+                raise UserError("TRIP and power-of-two smoothing both set the channel factors: turn one off")
         if self.attention is not None:
             if self.attention.softmax != "log2" or self.attention.softmax_bits not in (3, 4, 5):
                 raise UserError("softmax quantization must be log2 with 3-5 bits")
@@ -178,7 +188,7 @@ CONFIGS: dict[str, QuantConfig] = {
     "fp": QuantConfig("fp"),
     "w4a16-rtn": QuantConfig("w4a16-rtn", _w4("rtn")),
     "w4a16-gptq": QuantConfig("w4a16-gptq", _w4("gptq")),
-    "w8a8": QuantConfig("w8a8", WeightQuant(8, "gptq", symmetric=True), _a()),
+    "w8a8": QuantConfig("w8a8", WeightQuant(8, "gptq", G4, zero="float"), _a(smooth=0.99, trip_k=7)),
     "agileq8": QuantConfig("agileq8", _w4("gptq"), _a(), AttnQuant(), head_bits=8),
     "agileq4": QuantConfig("agileq4", _w4("gptq"), _a(a_bits_by_role={"o": 4}), AttnQuant(), head_bits=8),
     # The paper as written (and checkpoint v1): static layer-wise INT8 with TRIP, integer weight zero points.

@@ -242,6 +242,17 @@ def trip_search(x: torch.Tensor, bits: int, k_max: int, max_rows: int = 1024, se
 
 
 # -------------------------------------------------------------------------------------------- log2 softmax
+def smooth_shifts(x: torch.Tensor, quantile: float, k_max: int) -> torch.Tensor:
+    """Power-of-two smoothing exponents alpha_c [K] (uint8): floor(log2(max|x_c| / t)) clipped to 0..k_max, where t
+    is the `quantile` of the channel maxima. Dividing the outlier channels by 2^alpha_c (and folding 2^alpha_c into
+    the weights, exactly) narrows every token's range, so per-token INT8 codes resolve the ordinary channels better;
+    SmoothQuant's idea restricted to powers of two, so the kernels' shift form of the contract carries it."""
+    amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+    t = torch.quantile(amax, quantile).clamp(min=1e-12)
+    alpha = torch.floor(torch.log2((amax / t).clamp(min=1.0)))
+    return alpha.clamp(0, k_max).to(torch.uint8)
+
+
 def log2_codes(p: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Log2 codes of probabilities `p` [..., J] per row (last axis) and the row max: (codes, pmax[..., 1])."""
     pmax = p.amax(dim=-1, keepdim=True)
