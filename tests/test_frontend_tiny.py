@@ -48,7 +48,7 @@ CASES = {  # arch[-variant] -> (scheme, weight method): every architecture, acti
 EXPECTED_LINEARS = {
     "llama": (2, {("token", "float", 8), ("token", "int", 8)}),
     "opt": (2, {("token", "float", 8), ("token", "float", 4), ("token", "int", 8)}),
-    "bloom": (2, {("token", "int", 8)}),
+    "bloom": (2, {("token", "float", 8)}),
     "llama-fp": (2, set()),
     "llama-v1": (1, {("tensor", "int", 8)}),
     "opt-w4a16": (2, {("tensor", "float", 0)}),
@@ -98,9 +98,11 @@ def exported(request, tmp_path_factory):
     return ckpt, out
 
 
-def tapped_forward(ckpt, max_len: int):
+def tapped_forward(ckpt, max_len: int, **build_options):
     """forward_all of `ckpt` built in process with taps: ids -> (logits, {name: tapped value}), e.g. "P:in" (input of
-    integer linear P) and, for LLaMA, "model.layers.i:q" / ":k" / ":v" (attention inputs after RoPE)."""
+    integer linear P) and, for LLaMA, "model.layers.i:q" / ":k" / ":v" (attention inputs after RoPE). With token
+    pruning (`build_options` prune_beta / prune_start, or the checkpoint's schedule) the taps also hold "kept" (the
+    positions that reached the last layer), "layer<l>:kept" and "<attention>:first_probs"."""
     import tvm
     from tvm import relax
 
@@ -109,16 +111,24 @@ def tapped_forward(ckpt, max_len: int):
     from agile_tvm.targets import get_target
 
     target = get_target("host")
-    mod, weights, meta = build_module(ckpt, max_seq_len=max_len, target=target, taps=True)
+    from agile_tvm.prune_schedule import schedule_counts
+
+    mod, weights, meta = build_module(ckpt, max_seq_len=max_len, target=target, taps=True, **build_options)
+    pruning = meta["pruning"]
     vm = relax.VirtualMachine(compile_relax(mod, target, "host")[0], tvm.cpu())
     params = [tvm.runtime.tensor(w) for w in weights.values()]
 
     def run(ids):
         ids = np.asarray(ids, np.int32)
+        counts = []
+        if pruning:
+            per_layer = schedule_counts(ids.shape[1], meta["num_layers"], pruning["layers"], pruning["gamma"])
+            counts = [tvm.runtime.tensor(np.array([per_layer[i] for i in pruning["layers"]], np.int64))]
         out = vm["forward_all"](tvm.runtime.tensor(ids), tvm.runtime.tensor(np.arange(ids.shape[1], dtype=np.int32)),
-                                *params)
-        arrays = [t.numpy() for t in out] if meta["taps"] else [out.numpy()]
-        return arrays[0], dict(zip(meta["taps"], arrays[1:]))
+                                *counts, *params)
+        arrays = [t.numpy() for t in out] if meta["taps"] or pruning else [out.numpy()]
+        names = (["kept"] if pruning else []) + meta["taps"]
+        return arrays[0], dict(zip(names, arrays[1:]))
 
     return run
 
@@ -139,13 +149,21 @@ def _reference_logits(ckpt, ids, forced: dict | None = None):
     """The PyTorch reference's logits. With `forced` (taps of the compiled forward_all), every quantization point it
     names gets the compiled graph's value instead of its own, after checking the two agree to 1e-5 of the value's
     largest entry: each quantized linear's input ("P:in") and, for LLaMA, the attention's Q, K, V after RoPE."""
-    import agile_tvm.quant.attention as qattn
     from agile_tvm.quant.checkpoint import load_quantized
+
+    logits, kept, _ = reference_forward(load_quantized(ckpt).model, ids, forced)
+    assert bool(kept.all())
+    return logits
+
+
+def reference_forward(model, ids, forced: dict | None = None):
+    """(logits, kept mask, pruning scores: one [n] array per attention call) of a QuantizedCausalLM, with the
+    quantization points `forced` names fed the compiled graph's values (see `_reference_logits`)."""
+    import agile_tvm.quant.attention as qattn
     from agile_tvm.quant.linear import QuantLinear
 
     forced = {k: v for k, v in (forced or {}).items() if k.endswith(FORCED_SUFFIXES)}
-    model = load_quantized(ckpt).model
-    used = []
+    used, scores, hooks = [], [], []
     for name, mod in model.named_modules():
         key = next((k for k in forced if k.endswith(":in") and (name == k[:-3] or name.endswith("." + k[:-3]))), None)
         if not isinstance(mod, QuantLinear) or not mod.a_bits or key is None:
@@ -157,7 +175,7 @@ def _reference_logits(ckpt, ids, forced: dict | None = None):
             used.append(key)
             return (torch.from_numpy(want).reshape(args[0].shape),)
 
-        mod.register_forward_pre_hook(force)
+        hooks.append(mod.register_forward_pre_hook(force))
 
     core = qattn.attention_core
 
@@ -173,7 +191,9 @@ def _reference_logits(ckpt, ids, forced: dict | None = None):
                 used.append(prefix + name)
                 new.append(torch.from_numpy(np.ascontiguousarray(want)))
             q, k, v = new
-        return core(attn, q, k, v, *args, **kwargs)
+        out, score = core(attn, q, k, v, *args, **kwargs)
+        scores.append(score[0].numpy())
+        return out, score
 
     qattn.attention_core = forced_core
     try:
@@ -181,9 +201,10 @@ def _reference_logits(ckpt, ids, forced: dict | None = None):
             logits, kept = model(torch.as_tensor(ids, dtype=torch.long))
     finally:
         qattn.attention_core = core
-    assert bool(kept.all())
+        for hook in hooks:
+            hook.remove()
     assert sorted(used) == sorted(forced)  # every tapped quantization point was compared and forced once
-    return logits.numpy()
+    return logits.numpy(), kept.numpy(), scores
 
 
 def test_case_exercises_its_checkpoint_options(exported, request):

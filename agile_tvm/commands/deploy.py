@@ -16,6 +16,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="longest sequence (prompt + generated) the module accepts (default: min(model, 2048))")
     p.add_argument("--no-tuned", action="store_true", help="ignore schedules/<target>/ records (hand schedules only)")
+    p.add_argument("--prune-beta", type=float, default=None,
+                   help="token pruning ratio beta in [0, 1) instead of the checkpoint's schedule (0: no pruning)")
+    p.add_argument("--prune-start", type=int, default=None,
+                   help="first pruning layer with --prune-beta (default 0: half the depth)")
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("run", help="greedy generation with an exported module, locally or over RPC")
@@ -43,7 +47,10 @@ def _export(args) -> int:
 
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise UserError("--max-seq-len must be at least 1")
-    export(args.model, args.target, args.output, max_seq_len=args.max_seq_len, tuned=not args.no_tuned)
+    if args.prune_start is not None and args.prune_beta is None:
+        raise UserError("--prune-start needs --prune-beta (the pruning ratio)")
+    export(args.model, args.target, args.output, max_seq_len=args.max_seq_len, tuned=not args.no_tuned,
+           prune_beta=args.prune_beta, prune_start=args.prune_start)
     return 0
 
 

@@ -6,7 +6,8 @@
 `mod` has `forward_all` (all logits, no cache), `prefill` and `decode` (KV cache, last-token logits) and
 `create_kv_cache`
 (see `graph.py`); `weights` is the ordered dict of numpy arrays the functions take after their inputs, already in
-the kernels' layout; `meta` is the JSON-able model description the runtime needs.
+the kernels' layout; `meta` is the JSON-able model description the runtime needs (with "pruning", the token pruning
+schedule the module runs, or None; see graph.py).
 """
 
 from __future__ import annotations
@@ -32,26 +33,26 @@ def model_class(arch: str):
     raise UserError(f"architecture {arch!r} is not supported by the TVM frontend: use one of {', '.join(ARCHS)}")
 
 
-def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool = False):
+def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool = False,
+                 prune_beta: float | None = None, prune_start: int | None = None):
     """(IRModule, weights: dict[str, np.ndarray], meta: dict) for a checkpoint folder or a loaded Checkpoint.
 
     `target` (a name of `agile_tvm.targets`, a dict or a Target; None = "host") picks the kernels' layouts and
     schedules, so the weights come out packed for it: compile the module for the same target.
     `taps=True` (tests, debugging): forward_all returns (logits, *tapped values), named in meta["taps"] (e.g.
-    "P:in", the input of integer linear P)."""
-    from agile_tvm.errors import UserError
-    from agile_tvm.frontend.checkpoint import Checkpoint, load_checkpoint
+    "P:in", the input of integer linear P).
+    Token pruning follows the checkpoint's schedule, or `prune_beta` (and `prune_start`, 0: half the depth) instead
+    (`checkpoint.prune_schedule`); meta["pruning"] holds the schedule the module runs (None: no pruning)."""
+    from agile_tvm.frontend.checkpoint import Checkpoint, load_checkpoint, prune_schedule
     from agile_tvm.frontend.graph import GraphBuilder
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
-    if (ckpt.manifest.get("pruning") or {}).get("layers"):
-        raise UserError(f"{ckpt.path} prunes tokens (pruning.layers = {ckpt.manifest['pruning']['layers']}); "
-                        "the compiled prefill does not prune yet: quantize without pruning (beta 0) to export it")
     model = model_class(ckpt.arch)(ckpt.config)
+    pruning = prune_schedule(ckpt, model.num_layers, beta=prune_beta, start_layer=prune_start)
     limit = int(ckpt.config.get("max_position_embeddings") or ckpt.config.get("seq_length") or 2048)
     max_seq_len = int(max_seq_len or min(limit, 2048))
-    g = GraphBuilder(ckpt, max_seq_len, target=target)
+    g = GraphBuilder(ckpt, max_seq_len, target=target, pruning=pruning)
     if taps:
         g.taps = []
     mod = g.build(model)
@@ -64,6 +65,7 @@ def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool
         "vocab_size": model.vocab,
         "kv_dtype": model.kv_dtype(ckpt),
         "weights": list(g.weights.arrays),
+        "pruning": pruning.to_dict() if pruning is not None else None,
     }
     if taps:
         meta["taps"] = list(g.tap_names)

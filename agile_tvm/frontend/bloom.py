@@ -44,7 +44,7 @@ class Bloom:
         return g.emit(R.multiply(R.multiply(x, c(0.5)), R.add(c(1.0), R.tanh(inner))))
 
     def emit(self, g: GraphBuilder, ids, pos, caches, last_only: bool):
-        H, D, n = self.heads, self.head_dim, g.n
+        H, D = self.heads, self.head_dim
         slopes = alibi_slopes(H)
         head, tied = g.head_weight("transformer.word_embeddings.weight")
         x = g.embed(ids, "transformer.word_embeddings.weight", tied_head=tied)
@@ -52,6 +52,8 @@ class Bloom:
         new_caches = []
         for i in range(self.num_layers):
             p = f"transformer.h.{i}"
+            (x,) = g.begin_layer(i, x)
+            n = g.n
             h = g.layer_norm(x, f"{p}.input_layernorm", self.eps)
             residual = h if self.residual_post_ln else x
             fused = g.linear(h, f"{p}.self_attention.query_key_value", self.hidden, 3 * self.hidden)
@@ -66,5 +68,5 @@ class Bloom:
             residual = h if self.residual_post_ln else x
             h = self.gelu(g, g.linear(h, f"{p}.mlp.dense_h_to_4h", self.hidden, 4 * self.hidden))
             x = g.emit(R.add(residual, g.linear(h, f"{p}.mlp.dense_4h_to_h", 4 * self.hidden, self.hidden)))
-        x = g.layer_norm(x, "transformer.ln_f", self.eps)
+        x = g.layer_norm(g.end_layers(x), "transformer.ln_f", self.eps)
         return g.lm_head(x, self.hidden, self.vocab, head, last_only), new_caches

@@ -2,7 +2,8 @@
 
 The frontend reads the files directly rather than through the PyTorch reference model: the contract is the files,
 and this keeps export free of torch. `linear_spec` turns one `linears[P]` entry into the facts the graph builder
-needs, with v2's per-linear options (`act`, `w_zero`) resolved to their v1 defaults when absent.
+needs, with v2's per-linear options (`act`, `w_zero`) resolved to their v1 defaults when absent;
+`prune_schedule` resolves the token pruning schedule (the manifest's, or an override given at export).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from agile_tvm.errors import UserError
+from agile_tvm.prune_schedule import prune_gamma, prune_layers
 
 FORMAT = "agile-tvm-qckpt"
 VERSIONS = (1, 2)  # a v1 checkpoint is a v2 checkpoint with both per-linear options off
@@ -157,3 +159,44 @@ def dequantized_weight(ckpt: Checkpoint, prefix: str) -> np.ndarray:
     if linear_spec(ckpt, prefix).float_zero:
         w = w + np.repeat(ckpt.tensor(prefix + ".wmin").astype(np.float32), g, axis=1)
     return w.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """Token pruning (docs/checkpoint.md, "Token pruning"): before each layer of `layers`, keep
+    `prune_schedule.keep_count(n, gamma)` of the n tokens still processed."""
+
+    beta: float
+    start_layer: int  # as given (0: half the depth)
+    end_layer: int  # as given (-1: the last layer)
+    layers: tuple[int, ...]
+    gamma: float
+
+    def to_dict(self) -> dict:
+        return {"beta": self.beta, "start_layer": self.start_layer, "end_layer": self.end_layer,
+                "layers": list(self.layers), "gamma": self.gamma}
+
+
+def prune_schedule(ckpt: Checkpoint, num_layers: int, beta: float | None = None,
+                   start_layer: int | None = None) -> PruneSchedule | None:
+    """The checkpoint's pruning schedule, or the one `beta` (and `start_layer`) give instead; None without pruning.
+
+    The layers and gamma come from `agile_tvm.prune_schedule`, as the reference's `quant.configs.Pruning` (torch-free,
+    so export stays free of torch)."""
+    stored = ckpt.manifest.get("pruning") or {}
+    if beta is None:
+        beta = float(stored.get("beta", 0.0))
+        start_layer = int(stored.get("start_layer", 0)) if start_layer is None else start_layer
+    start_layer = 0 if start_layer is None else int(start_layer)
+    end_layer = int(stored.get("end_layer", -1))
+    if not 0.0 <= beta < 1.0:
+        raise UserError(f"token pruning ratio beta {beta} must lie in [0, 1): e.g. --prune-beta 0.4")
+    if start_layer < 0:
+        raise UserError(f"the first pruning layer {start_layer} must be >= 0 (0: half the depth)")
+    if beta <= 0:
+        return None
+    layers = tuple(prune_layers(beta, start_layer, end_layer, num_layers))
+    if not layers:
+        return None
+    gamma = prune_gamma(beta, len(layers))
+    return PruneSchedule(beta=beta, start_layer=start_layer, end_layer=end_layer, layers=layers, gamma=gamma)

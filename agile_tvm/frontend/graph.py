@@ -13,6 +13,19 @@ Design (after MLC-LLM's LLaMA, simplified to batch 1):
   quantizes attention, float32 otherwise.
 `pos` holds the absolute positions of the n tokens (the runtime passes arange(past, past + n)); RoPE, OPT's learned
 positions and the causal mask read it, so no shape arithmetic is needed in the graph.
+
+Token pruning (a checkpoint or export with a pruning schedule, `checkpoint.PruneSchedule`): forward_all and prefill
+take one more input after `pos` (and the caches), `prune_counts` int64 [m], the tokens kept before each of the m
+pruning layers, which the runtime computes with `agile_tvm.prune_schedule.schedule_counts`; they become symbolic row
+counts, so the layers after a pruning layer run on fewer rows. Per pruning layer l (`begin_layer`): layer l-1's
+attention also writes its first-key probabilities p^[i, h, 0] (`tir_ops.attention_blocked(first_probs=True)`),
+`tir_ops.prune_select` turns them into the kept row indices as the reference does, and the rows of the hidden state,
+the positions and any per-row tables (RoPE) are gathered; the hidden state before the gather is written into a full
+[n, hidden] state (`tir_ops.scatter_rows`), so a pruned token keeps its last hidden state to the final norm and the
+head (`end_layers`). Positions stay the original ones (RoPE; BLOOM's ALiBi reads the kept keys' positions); the
+causal mask compares row order, which pruning preserves. forward_all then returns (logits, kept positions [k] int32
+of the last layer). Layers that do not prune run as without pruning; without a schedule the module is built as
+before. After a pruned prefill each layer's KV cache holds the tokens that layer processed; decode appends to it.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from tvm import relax, tirx
 
 from agile_tvm.errors import UserError
 from agile_tvm.frontend import tir_ops
-from agile_tvm.frontend.checkpoint import Checkpoint
+from agile_tvm.frontend.checkpoint import Checkpoint, PruneSchedule
 from agile_tvm.frontend.linears import HEAD, LinearEmitter
 
 R = relax.op
@@ -64,10 +77,29 @@ def kernels_module():
     return SimpleNamespace(integer=kernels, fp32=fp32)
 
 
+class PruneState:
+    """Token pruning while one function is emitted: which rows are still processed and which tokens they are."""
+
+    def __init__(self, counts: dict, pos, n_all):
+        self.counts = counts  # pruning layer -> symbolic count of the rows it keeps
+        self.pos = pos  # original positions of the rows still processed, int32 [rows]
+        self.n_all = n_all  # tokens of the sequence
+        self.layer = -1  # the decoder layer being emitted
+        self.first_probs = None  # [rows, heads]: the last attention's probabilities of the first key
+        self.full = None  # [n_all, hidden]: every token's last hidden state, from the first pruning layer on
+
+    def prunes(self, layer: int) -> bool:
+        return layer in self.counts
+
+    @property
+    def started(self) -> bool:
+        return self.full is not None
+
+
 class GraphBuilder(LinearEmitter):
     """Emits one decoder's Relax functions from a checkpoint (linears and the LM head: `LinearEmitter`)."""
 
-    def __init__(self, ckpt: Checkpoint, max_seq_len: int, target="host"):
+    def __init__(self, ckpt: Checkpoint, max_seq_len: int, target="host", pruning: PruneSchedule | None = None):
         from agile_tvm.targets import get_target
 
         self.ckpt = ckpt
@@ -82,6 +114,8 @@ class GraphBuilder(LinearEmitter):
         self.taps: list | None = None  # [] (`build_module(..., taps=True)`): forward_all also returns `tap`ped values
         self.tap_names: list[str] = []
         self._function = None
+        self.pruning = pruning
+        self._prune: PruneState | None = None  # set while a function that prunes is emitted
 
     # ---- infrastructure -------------------------------------------------------------------------------------
     def tir(self, key: str, func) -> relax.GlobalVar:
@@ -156,7 +190,9 @@ class GraphBuilder(LinearEmitter):
 
     def attention(self, q, k, v, layer_prefix: str, heads: int, kv_heads: int, head_dim: int, cache=None,
                   slopes: np.ndarray | None = None):
-        """Causal attention; k/v are this chunk's [n, KVH, D] float32. Returns ([n, H*D], updated caches)."""
+        """Causal attention; k/v are this chunk's [n, KVH, D] float32. Returns ([n, H*D], updated caches).
+        With token pruning it also writes the first-key probabilities when the next layer prunes (`begin_layer`
+        reads them) and gives ALiBi the kept keys' original positions."""
         n = self.n
         quant = layer_prefix in self.ckpt.attention
         if quant:
@@ -199,10 +235,70 @@ class GraphBuilder(LinearEmitter):
             new_cache = (kc, vc)
         alibi = slopes is not None
         sl = self.w("alibi_slopes" if alibi else "no_alibi", slopes if alibi else np.zeros(heads, np.float32))
-        gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}",
-                      tir_ops.attention_blocked(heads, kv_heads, head_dim, kv_dtype, bits, alibi))
-        out = self.emit(relax.call_tir(gv, [q, k, v, sc, sl], relax.TensorType([n, heads, head_dim], "float32")))
+        prune = self._prune
+        first_probs = prune is not None and prune.prunes(prune.layer + 1)
+        key_positions = alibi and prune is not None and prune.started  # keys no longer sit at their row index
+        gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}"
+                      f"{'_p0' if first_probs else ''}{'_kpos' if key_positions else ''}",
+                      tir_ops.attention_blocked(heads, kv_heads, head_dim, kv_dtype, bits, alibi,
+                                                first_probs=first_probs, key_positions=key_positions))
+        args = [q, k, v, sc, sl] + ([prune.pos] if key_positions else [])
+        out_ty = relax.TensorType([n, heads, head_dim], "float32")
+        if first_probs:
+            both = self.emit(relax.call_tir(gv, args, [out_ty, relax.TensorType([n, heads], "float32")]))
+            out = self.emit(relax.TupleGetItem(both, 0))
+            prune.first_probs = self.emit(relax.TupleGetItem(both, 1))
+            self.tap(f"{layer_prefix}:first_probs", prune.first_probs)
+        else:
+            out = self.emit(relax.call_tir(gv, args, out_ty))
         return self.emit(R.reshape(out, [n, heads * head_dim])), new_cache
+
+    # ---- token pruning --------------------------------------------------------------------------------------------
+    def begin_layer(self, layer: int, x, *rows):
+        """Call at the top of decoder layer `layer` with its input x [rows, hidden] and any per-row tables (RoPE's
+        cos/sin); returns them gathered to the kept rows when this layer prunes, as they were otherwise."""
+        prune = self._prune
+        if prune is None:
+            return (x, *rows)
+        prune.layer = layer
+        if not prune.prunes(layer):
+            return (x, *rows)
+        hidden = int(x.ty.shape[1])
+        if prune.full is None:  # the first pruning layer: every row is still present, in order
+            prune.full = x
+        else:
+            prune.full = self._scatter_rows(prune.full, prune.pos, x, prune.n_all, hidden)
+        heads = int(prune.first_probs.ty.shape[1])
+        gv = self.tir(f"prune_select_{heads}", tir_ops.prune_select(heads))
+        k = prune.counts[layer]
+        both = self.emit(relax.call_tir(gv, [prune.first_probs, prune.pos], [relax.TensorType([k], "int32")] * 2))
+        idx = self.emit(relax.TupleGetItem(both, 0))
+        prune.pos = self.emit(relax.TupleGetItem(both, 1))
+        self.n = k
+        self.tap(f"layer{layer}:kept", prune.pos)
+        return tuple(self.emit(R.take(t, idx, axis=0)) for t in (x, *rows))
+
+    def end_layers(self, x):
+        """After the last decoder layer: the last hidden state of every token, [n, hidden] (x itself without
+        pruning)."""
+        prune = self._prune
+        if prune is None or prune.full is None:
+            return x
+        self.n = prune.n_all
+        return self._scatter_rows(prune.full, prune.pos, x, prune.n_all, int(x.ty.shape[1]))
+
+    def _scatter_rows(self, full, rows, x, n_all, hidden: int):
+        gv = self.tir(f"scatter_rows_{hidden}", tir_ops.scatter_rows(hidden))
+        return self.emit(relax.call_tir(gv, [full, rows, x], relax.TensorType([n_all, hidden], "float32")))
+
+    def _prune_state(self, counts, pos, n) -> "PruneState":
+        """The pruning state of one function; `counts` (int64 [m]) becomes one symbolic row count per pruning
+        layer."""
+        ks = [tirx.Var(f"kept_{layer}", "int64") for layer in self.pruning.layers]
+        # a VM-allocated copy first: over RPC an input tensor reaches tensor_to_shape as a bare DLTensor it rejects
+        own = self.emit(R.add(counts, relax.const(0, "int64")))
+        self.bb.match_cast(self.emit(R.tensor_to_shape(own)), relax.ShapeType(ks))
+        return PruneState(counts=dict(zip(self.pruning.layers, ks)), pos=pos, n_all=n)
 
     # ---- functions ----------------------------------------------------------------------------------------------
     def build(self, model) -> relax.IRModule:
@@ -220,10 +316,15 @@ class GraphBuilder(LinearEmitter):
             if cached:
                 caches = relax.Var("caches", relax.TupleType([relax.ObjectType()] * (2 * model.num_layers)))
                 inputs.append(caches)
+            counts = None
+            if self.pruning is not None and static_n is None:  # decode: one token, nothing to prune
+                counts = relax.Var("prune_counts", relax.TensorType([len(self.pruning.layers)], "int64"))
+                inputs.append(counts)
             with self.bb.function(name):
                 # one dataflow block: Relax only fuses elementwise ops and turns reshapes into views inside one
                 with self.bb.dataflow():
                     ids_flat = self.emit(R.reshape(ids, [n]))
+                    self._prune = self._prune_state(counts, pos, n) if counts is not None else None
                     cache_pairs = None
                     if cached:
                         cache_pairs = [(self.emit(relax.TupleGetItem(caches, 2 * i)),
@@ -233,12 +334,14 @@ class GraphBuilder(LinearEmitter):
                     # The caches are appended in place (mutable runtime objects), so only logits are returned: a
                     # returned tuple would come back over RPC as an opaque handle the client cannot index.
                     out = logits
-                    if self.taps and not cached:
-                        out = relax.Tuple([logits, *self.taps])
+                    kept = [self._prune.pos] if self._prune is not None and not cached else []
+                    if kept or (self.taps and not cached):
+                        out = relax.Tuple([logits, *kept, *(self.taps or [])])
                     out = self.bb.emit_output(out)
                 self.taps = [] if self.taps is not None else None
                 self.bb.emit_func_output(out, params=inputs + self.weights.function_params())
         self._function = None
+        self._prune = None
         self.weights.begin_function()
         with self.bb.function("create_kv_cache", params=[]):
             shape = [self.max_seq_len, model.num_kv_heads, model.head_dim]

@@ -42,16 +42,17 @@ class Llama:
         return "int8" if ckpt.attention else "float32"
 
     def emit(self, g: GraphBuilder, ids, pos, caches, last_only: bool):
-        n = g.n
         H, KVH, D = self.heads, self.num_kv_heads, self.head_dim
         cos_t, sin_t = rope_tables(D, self.theta, g.max_seq_len)
-        cos = g.emit(R.reshape(R.take(g.w("rope.cos", cos_t), pos, axis=0), [n, 1, D]))
-        sin = g.emit(R.reshape(R.take(g.w("rope.sin", sin_t), pos, axis=0), [n, 1, D]))
+        cos = g.emit(R.reshape(R.take(g.w("rope.cos", cos_t), pos, axis=0), [g.n, 1, D]))
+        sin = g.emit(R.reshape(R.take(g.w("rope.sin", sin_t), pos, axis=0), [g.n, 1, D]))
         head, tied = g.head_weight("model.embed_tokens.weight")
         x = g.embed(ids, "model.embed_tokens.weight", tied_head=tied)
         new_caches = []
         for i in range(self.num_layers):
             p = f"model.layers.{i}"
+            x, cos, sin = g.begin_layer(i, x, cos, sin)
+            n = g.n
             h = g.rms_norm(x, f"{p}.input_layernorm.weight", self.eps)
             q, k, v = g.linears(h, [f"{p}.self_attn.{t}_proj" for t in "qkv"], self.hidden, [H * D, KVH * D, KVH * D])
             q = g.rope(g.emit(R.reshape(q, [n, H, D])), cos, sin, H, D)
@@ -76,6 +77,6 @@ class Llama:
             g.tap(f"{p}:mlp_in", h)
             g.tap(f"{p}:attn_out", attn)
             g.tap(f"{p}:out", x)
-        x = g.rms_norm(x, "model.norm.weight", self.eps)
+        x = g.rms_norm(g.end_layers(x), "model.norm.weight", self.eps)
         return g.lm_head(x, self.hidden, self.vocab, head, last_only), new_caches
 

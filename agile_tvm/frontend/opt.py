@@ -41,9 +41,10 @@ class Opt:
         pos2 = g.emit(R.add(pos, relax.const(self.POSITION_OFFSET, "int32")))
         x = g.emit(R.add(x, R.take(g.w("model.decoder.embed_positions.weight"), pos2, axis=0)))
         new_caches = []
-        n = g.n
         for i in range(self.num_layers):
             p = f"model.decoder.layers.{i}"
+            (x,) = g.begin_layer(i, x)
+            n = g.n
             h = g.layer_norm(x, f"{p}.self_attn_layer_norm", eps) if self.pre_norm else x
             qkv = g.linears(h, [f"{p}.self_attn.{t}_proj" for t in "qkv"], self.hidden, [self.hidden] * 3)
             q, k, v = (g.emit(R.reshape(t, [n, H, D])) for t in qkv)
@@ -58,6 +59,7 @@ class Opt:
             x = g.emit(R.add(x, g.linear(h, f"{p}.fc2", self.ffn, self.hidden)))
             if not self.pre_norm:
                 x = g.layer_norm(x, f"{p}.final_layer_norm", eps)
+        x = g.end_layers(x)
         if g.has("model.decoder.final_layer_norm.weight"):
             x = g.layer_norm(x, "model.decoder.final_layer_norm", eps)
         if self.proj_dim != self.hidden:

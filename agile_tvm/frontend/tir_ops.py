@@ -188,7 +188,8 @@ ATTN_DIRECT_MAX_QUERIES = 4
 
 
 @functools.lru_cache(maxsize=None)
-def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool):
+def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool,
+                      first_probs: bool = False, key_positions: bool = False):
     """The causal attention of `attention`, organised for speed at long sequences.
 
     Work: one task per (KV head g, block of ATTN_QUERY_BLOCK query positions), i.e. the block's positions times
@@ -222,17 +223,8 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     use_alibi = alibi
     I64 = T.int64
 
-    @T.prim_func(private=True)
-    def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
-        n = T.int64()
-        m = T.int64()
-        Q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
-        K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
-        V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
-        SC = T.match_buffer(s_h, (3,), "float32")
-        SL = T.match_buffer(sl_h, (heads,), "float32")
-        O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
+    @T.macro
+    def body(Q, K, V, SC, SL, KP, O, P0, n, m):
         # float32 copies of K (transposed) and V, zero-padded by one key block; a stub when reading K/V directly
         KT = T.decl_buffer((kv_heads, head_dim, T.Select(n <= direct_max, T.int64(1), m + kb)), "float32")
         VF = T.decl_buffer((kv_heads, T.Select(n <= direct_max, T.int64(1), m + kb), head_dim), "float32")
@@ -297,8 +289,13 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                         for l in T.vectorized(I64(kb)):
                             sc[rr * rt + r, b * kb + l] = tile[r, l] * red[0]
                             if use_alibi:
-                                sc[rr * rt + r, b * kb + l] = sc[rr * rt + r, b * kb + l] + SL[
-                                    g * group + (rr * rt + r) % group] * T.Cast("float32", b * kb + l)
+                                if key_positions:
+                                    sc[rr * rt + r, b * kb + l] = sc[rr * rt + r, b * kb + l] + SL[
+                                        g * group + (rr * rt + r) % group] * T.Cast(
+                                        "float32", KP[T.min(b * kb + l, m - 1)])
+                                else:
+                                    sc[rr * rt + r, b * kb + l] = sc[rr * rt + r, b * kb + l] + SL[
+                                        g * group + (rr * rt + r) % group] * T.Cast("float32", b * kb + l)
                         for c in T.unroll(I64(kb // lanes)):
                             for l in T.vectorized(I64(lanes)):
                                 rmax[rr * rt + r, l] = T.max(rmax[rr * rt + r, l], T.Select(
@@ -320,6 +317,9 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                                 rsum[r, l] = rsum[r, l] + w[c * lanes + l]
                                 if quant:
                                     w[c * lanes + l] = _log2_weight(w[c * lanes + l], top)
+                        if first_probs:
+                            if b == 0:  # rmax[r, 1:] is free once the row max sits in rmax[r, 0]
+                                rmax[r, 1] = w[0]
                         red[1] = T.float32(0)
                         for jj in T.serial(I64(kb)):
                             red[1] = T.max(red[1], w[jj])
@@ -341,6 +341,72 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                         O[i0 + r // group, g * group + r % group, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
                     else:
                         O[i0 + r // group, g * group + r % group, d] = acc[r, d] / red[1]
+                if first_probs:
+                    if quant:  # p^ = pmax * 2^-c, pmax = 1 / sum (the reference's log2_dequant)
+                        P0[i0 + r // group, g * group + r % group] = rmax[r, 1] * (T.float32(1) / red[1])
+                    else:
+                        P0[i0 + r // group, g * group + r % group] = rmax[r, 1] / red[1]
+
+
+    if not first_probs and not key_positions:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            m = T.int64()
+            Q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
+            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+            SC = T.match_buffer(s_h, (3,), "float32")
+            SL = T.match_buffer(sl_h, (heads,), "float32")
+            O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
+            body(Q, K, V, SC, SL, None, O, None, n, m)
+    elif not key_positions:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle,
+                 p0_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            m = T.int64()
+            Q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
+            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+            SC = T.match_buffer(s_h, (3,), "float32")
+            SL = T.match_buffer(sl_h, (heads,), "float32")
+            O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
+            P0 = T.match_buffer(p0_h, (n, heads), "float32")
+            body(Q, K, V, SC, SL, None, O, P0, n, m)
+    elif not first_probs:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, kp_h: T.handle,
+                 o_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            m = T.int64()
+            Q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
+            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+            SC = T.match_buffer(s_h, (3,), "float32")
+            SL = T.match_buffer(sl_h, (heads,), "float32")
+            KP = T.match_buffer(kp_h, (m,), "int32")
+            O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
+            body(Q, K, V, SC, SL, KP, O, None, n, m)
+    else:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, kp_h: T.handle,
+                 o_h: T.handle, p0_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+            n = T.int64()
+            m = T.int64()
+            Q = T.match_buffer(q_h, (n, heads, head_dim), "float32")
+            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+            SC = T.match_buffer(s_h, (3,), "float32")
+            SL = T.match_buffer(sl_h, (heads,), "float32")
+            KP = T.match_buffer(kp_h, (m,), "int32")
+            O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
+            P0 = T.match_buffer(p0_h, (n, heads), "float32")
+            body(Q, K, V, SC, SL, KP, O, P0, n, m)
 
     return func
 
@@ -408,5 +474,81 @@ def embed_packed(vocab_blocks: int, hidden: int, nb: int):
         for i in T.parallel(n):
             for k in T.serial(hidden):
                 O[i, k] = W[T.Cast("int64", ids[i]) // nb, k, T.Cast("int64", ids[i]) % nb]
+
+    return func
+
+
+# ------------------------------------------------------------------------------------------------ token pruning
+#: a score above any sum of probabilities: the first token always ranks first (the reference sets it to +inf)
+_FIRST_TOKEN_SCORE = 3.0e38
+
+
+@functools.lru_cache(maxsize=None)
+def prune_select(heads: int):
+    """Indices [k] (ascending, int32) of the k rows to keep out of n, and their positions POS[idx], from the
+    first-key probabilities P0 [n, heads] of the previous layer's attention; k is the outputs' length (the runtime's
+    schedule picks it).
+
+    As `quant.pruning.select_tokens`: score_i = sum_h P0[i, h] (summed over h in order, like torch's sum over the
+    head axis), row 0 always first, then higher score first and among equal scores the earlier row. Row i is kept
+    when its rank #{j: s_j > s_i} + #{j < i: s_j = s_i} is below k; the kept rows keep their order. O(n^2)
+    compares, parallel over rows (n <= 2048: a few ms), then one serial pass to write the indices.
+    (Two inputs on purpose: Relax's RewriteDataflowReshape inspects every one-input call_tir as a possible reshape,
+    which fails on a kernel without a root block.)"""
+
+    @T.prim_func(private=True)
+    def func(p_h: T.handle, pos_h: T.handle, o_h: T.handle, opos_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        k = T.int64()
+        P = T.match_buffer(p_h, (n, heads), "float32")
+        POS = T.match_buffer(pos_h, (n,), "int32")
+        IDX = T.match_buffer(o_h, (k,), "int32")
+        KPOS = T.match_buffer(opos_h, (k,), "int32")
+        score = T.decl_buffer((n,), "float32")
+        keep = T.decl_buffer((n,), "int32")
+        for i in T.parallel(n):
+            acc = T.decl_buffer((1,), "float32", scope="local")
+            acc[0] = T.float32(0)
+            for h in T.serial(T.int64(heads)):
+                acc[0] = acc[0] + P[i, h]
+            score[i] = T.Select(i == 0, T.float32(_FIRST_TOKEN_SCORE), acc[0])
+        for i in T.parallel(n):
+            rank = T.decl_buffer((1,), "int32", scope="local")
+            rank[0] = 0
+            for j in T.serial(n):
+                rank[0] = rank[0] + T.Cast("int32", T.Or(score[j] > score[i], T.And(score[j] == score[i], j < i)))
+            keep[i] = T.Cast("int32", T.Cast("int64", rank[0]) < k)
+        count = T.decl_buffer((1,), "int64", scope="local")
+        count[0] = T.int64(0)
+        for i in T.serial(n):
+            if keep[i] == 1:
+                IDX[count[0]] = T.Cast("int32", i)
+                KPOS[count[0]] = POS[i]
+                count[0] = count[0] + T.int64(1)
+
+    return func
+
+
+@functools.lru_cache(maxsize=None)
+def scatter_rows(width: int):
+    """O [n, width] = H with rows ROWS[r] replaced by X[r]: the hidden state of every token after a pruning stage
+    (a pruned token keeps the last value written for it)."""
+
+    @T.prim_func(private=True)
+    def func(h_h: T.handle, r_h: T.handle, x_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        c = T.int64()
+        H = T.match_buffer(h_h, (n, width), "float32")
+        ROWS = T.match_buffer(r_h, (c,), "int32")
+        X = T.match_buffer(x_h, (c, width), "float32")
+        O = T.match_buffer(o_h, (n, width), "float32")
+        for i in T.parallel(n):
+            for d in T.serial(T.int64(width)):
+                O[i, d] = H[i, d]
+        for r in T.parallel(c):
+            for d in T.serial(T.int64(width)):
+                O[T.Cast("int64", ROWS[r]), d] = X[r, d]
 
     return func

@@ -45,6 +45,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 
 from agile_tvm.errors import UserError
+from agile_tvm.prune_schedule import prune_gamma, prune_layers
 from agile_tvm.quant.quantizers import check_bits
 
 ROLES = ("qkv", "o", "up", "down")
@@ -88,22 +89,14 @@ class Pruning:
     """Token pruning (paper eq. 9): keep (1-gamma) of the tokens before each layer from start_layer on."""
 
     beta: float = 0.0  # fraction of tokens pruned by the last pruning layer
-    start_layer: int = 0  # 0: resolved to num_layers // 2 when beta > 0 (see below)
+    start_layer: int = 0  # 0: half the depth (see prune_schedule.prune_layers)
     end_layer: int = -1  # -1: up to the last layer
 
     def layers(self, num_layers: int) -> list[int]:
-        if self.beta <= 0:
-            return []
-        # Default start: half the depth. Attention to the first token is high from about there on (SmolLM2:
-        # 0.3-0.67 in layers 12-29), and a pruned token's hidden state stops at the layer it was pruned before,
-        # so pruning early makes its (all-tokens protocol) prediction much worse.
-        start = self.start_layer if self.start_layer > 0 else max(1, num_layers // 2)
-        end = num_layers if self.end_layer < 0 else min(self.end_layer + 1, num_layers)
-        return list(range(start, end))
+        return prune_layers(self.beta, self.start_layer, self.end_layer, num_layers)
 
     def gamma(self, num_layers: int) -> float:
-        m = len(self.layers(num_layers))
-        return 0.0 if m == 0 else 1.0 - (1.0 - self.beta) ** (1.0 / m)
+        return prune_gamma(self.beta, len(self.layers(num_layers)))
 
 
 @dataclass

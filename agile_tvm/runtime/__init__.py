@@ -4,10 +4,18 @@
     lm = load_module("out/")                       # or load_module("out/", remote=rpc_session)
     logits = lm.forward_logits(ids)                # ids [1, L] -> logits [1, L, V] (numpy)
     tokens, stats = lm.generate(prompt_ids, max_new_tokens=32)
+    logits, kept = lm.forward_pruned(ids)          # with token pruning: kept [1, L] = tokens that reached the last
+                                                   # layer; lm.last_token_sparsity = eq. 10 of that forward
 
 Only `tvm.runtime` is imported (no compiler): this works in a process started with TVM_USE_RUNTIME_LIB=1 and on a
 board that has just the runtime. Weights live beside the library in `weights.safetensors`, already in the kernels'
 layout, and are uploaded to the device once.
+
+Token pruning (manifest "pruning", see `agile_tvm.frontend.graph`): the runtime computes how many tokens each pruning
+layer keeps (`agile_tvm.prune_schedule`, torch-free) and passes the counts to forward_all / prefill. A pruned
+prefill leaves each layer's KV cache with the tokens that layer processed; decode appends every new token to every
+layer (one token is never pruned), so generation attends to the kept prompt tokens plus all generated ones. BLOOM is
+the exception (its ALiBi would need the cached keys' positions): a pruned BLOOM module does not generate.
 """
 
 from __future__ import annotations
@@ -95,6 +103,14 @@ class CompiledLM:
         self.vm = VirtualMachine(lib, self.device)
         self.weights = self._load_weights(weights_path)
         self._tokenizer = None
+        self.pruning = self.manifest.get("pruning")  # None: the module does not prune tokens
+        self.num_layers = int(self.manifest["num_layers"])
+        self.last_token_sparsity = 0.0  # eq. 10 of the last forward_logits / forward_pruned / prefill
+        self.last_kept = None  # bool [1, L]: the tokens of the last forward that reached the last layer
+
+    @property
+    def prunes(self) -> bool:
+        return bool(self.pruning)
 
     def _load_weights(self, path: Path) -> list:
         import tvm
@@ -131,12 +147,49 @@ class CompiledLM:
 
         return tvm.runtime.tensor(np.ascontiguousarray(arr), self.device)
 
+    def _item(self, result, i: int):
+        """Item i of a tuple a VM function returned; over RPC the tuple stays on the board (an opaque handle)."""
+        if self.remote is None:
+            return result[i]
+        return self.remote.get_function("ffi.ArrayGetItem")(result, i)
+
+    def _prune_counts(self, n: int) -> list:
+        """[] without pruning; else the prune_counts input (tokens kept by each pruning layer), and the
+        bookkeeping of eq. 10 for this forward."""
+        from agile_tvm.prune_schedule import schedule_counts, token_sparsity
+
+        if not self.prunes:
+            self.last_token_sparsity = 0.0
+            return []
+        layers = [int(layer) for layer in self.pruning["layers"]]
+        counts = schedule_counts(n, self.num_layers, layers, float(self.pruning["gamma"]))
+        self.last_token_sparsity = token_sparsity(counts, n)
+        return [self._t(np.array([counts[layer] for layer in layers], np.int64))]
+
     # ---- entry points -------------------------------------------------------------------------------------
     def forward_logits(self, ids) -> np.ndarray:
-        """Logits [1, L, V] for every position (no cache): the forward_fn of perplexity evaluation."""
+        """Logits [1, L, V] for every position (no cache): the forward_fn of perplexity evaluation. With token
+        pruning a pruned token's logits come from its last hidden state (see `forward_pruned` for the kept mask)."""
+        return self.forward_pruned(ids)[0]
+
+    def forward_pruned(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [1, L, V], kept [1, L] bool): kept marks the tokens that reached the last layer (all True
+        without pruning), the mask the paper's perplexity protocol drops the other labels with. Also sets
+        `last_kept` and `last_token_sparsity`."""
         ids = self._ids(ids)
-        pos = np.arange(ids.shape[1], dtype=np.int32)
-        return self.vm["forward_all"](self._t(ids), self._t(pos), *self.weights).numpy()
+        n = ids.shape[1]
+        pos = np.arange(n, dtype=np.int32)
+        counts = self._prune_counts(n)
+        out = self.vm["forward_all"](self._t(ids), self._t(pos), *counts, *self.weights)
+        kept = np.ones((1, n), dtype=bool)
+        if counts:
+            logits = self._item(out, 0).numpy()
+            kept[:] = False
+            kept[0, self._item(out, 1).numpy()] = True
+        else:
+            logits = out.numpy()
+        self.last_kept = kept
+        return logits, kept
 
     def new_cache(self):
         return self.vm["create_kv_cache"]()
@@ -150,8 +203,22 @@ class CompiledLM:
                             f"larger --max-seq-len")
         pos = np.arange(past, past + ids.shape[1], dtype=np.int32)
         fn = "decode" if ids.shape[1] == 1 else "prefill"
-        logits = self.vm[fn](self._t(ids), self._t(pos), cache, *self.weights)
+        counts = []
+        if self.prunes:
+            self._check_pruned_step(ids.shape[1], past)
+            if fn == "prefill":
+                counts = self._prune_counts(ids.shape[1])
+        logits = self.vm[fn](self._t(ids), self._t(pos), cache, *counts, *self.weights)
         return logits.numpy().reshape(-1), cache
+
+    def _check_pruned_step(self, n: int, past: int) -> None:
+        """What a module with token pruning can run on a cache: one pruned prefill from position 0, then decode."""
+        if past > 0 and self.manifest.get("arch") == "bloom":
+            raise UserError("this BLOOM module prunes tokens, and BLOOM cannot continue from a pruned KV cache (its "
+                            "ALiBi needs the pruned keys' positions): export it without --prune-beta to generate")
+        if past > 0 and n > 1:
+            raise UserError("this module prunes tokens: it prefills the prompt once (from position 0), then decodes "
+                            "one token at a time; give the whole prompt in one step")
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, eos_token_id: int | None = None):
         """Greedy generation; returns (new token ids, stats with prefill_ms and decode_tok_s)."""
@@ -160,6 +227,8 @@ class CompiledLM:
             raise UserError(f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds this "
                             f"module's compiled maximum {self.max_seq_len}: shorten the prompt, ask for fewer tokens "
                             f"or export with a larger --max-seq-len")
+        if self.prunes and max_new_tokens > 1:
+            self._check_pruned_step(1, ids.shape[1])
         cache = self.new_cache()
         t0 = time.perf_counter()
         logits, cache = self.step(ids, 0, cache)

@@ -3,7 +3,8 @@
 Layout of the output folder (everything written to temporary names first, then renamed into place):
     model.so               the compiled Relax VM executable (cross-linked with aarch64-linux-gnu-g++ for boards)
     weights.safetensors    every weight in the order the functions take them, already in the kernels' layout
-    manifest.json          target, architecture, config, compiled maximum length, weight order
+    manifest.json          target, architecture, config, compiled maximum length, weight order, token pruning
+                           schedule ("pruning": the checkpoint's, or the --prune-beta override; null: none)
     tokenizer.json ...     the checkpoint's tokenizer files, so `agile-tvm run --prompt` needs nothing else
 """
 
@@ -31,8 +32,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def export(ckpt_dir, target_name: str, out_dir, max_seq_len: int | None = None, tuned: bool = True,
-           log=print) -> dict:
-    """Build, compile and write the module folder; returns the manifest."""
+           log=print, prune_beta: float | None = None, prune_start: int | None = None) -> dict:
+    """Build, compile and write the module folder; returns the manifest. `prune_beta` (and `prune_start`, 0: half
+    the depth) replace the checkpoint's token pruning schedule (0: no pruning)."""
     from safetensors.numpy import save_file
 
     from agile_tvm.frontend import build_module
@@ -44,7 +46,8 @@ def export(ckpt_dir, target_name: str, out_dir, max_seq_len: int | None = None, 
     triple = str(target.attrs.get("mtriple", ""))
     ckpt = load_checkpoint(ckpt_dir)
     t0 = time.perf_counter()
-    mod, weights, meta = build_module(ckpt, max_seq_len=max_seq_len, target=target)
+    mod, weights, meta = build_module(ckpt, max_seq_len=max_seq_len, target=target, prune_beta=prune_beta,
+                                      prune_start=prune_start)
     log(f"relax module built in {time.perf_counter() - t0:.1f}s ({len(weights)} weight tensors)")
     t0 = time.perf_counter()
     ex, schedule_info = compile_relax(mod, target, target_name if tuned else None)
