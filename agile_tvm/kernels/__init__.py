@@ -25,13 +25,24 @@ Linear kernels, x [M, K] -> y [M, N]; parameter order of the returned PrimFunc:
         (xq - zp); needs act="token" (UserError otherwise). Any wzero works (the contract's v2 has wzero = 0).
         y[m, n] = s_m * sum_g (wscale[n, g] * acc[m, n, g] + wmin[n, g] * xsum[m, g]) + bias[n]
       requant=True needs act="tensor" (UserError otherwise).
+      wfmt: "int8" tiles (default for 4-bit), "nibble" (4-bit in memory, x86 AVX2/AVX-512, groups % 16 == 0:
+        the GEMV unpacks in registers, the GEMM unpacks each weight panel once into int8 tiles), "int16" (default
+        for 8-bit on x86) or "int8" for 8-bit on AVX2 (signed activations xq - 128 with vpsignb + vpmaddubsw,
+        half the bytes; needs |q - wzero| <= 127).
+      tables="tiled": wsum/wscale/wmin tile-major [N/nb, (2,) G, nb] (layout.tile_tables), read as vectors by the
+        GEMV; compact=True stores them float16/int16 (exact when the values fit: the caller checks).
+      Linears sharing an input, weights concatenated along N (tiled tables): n_offset/n_total = one linear's slice
+        (prefill); m=1 with outs=((offset, N_j), ...) = one GEMV writing one output per linear, and x_float=True =
+        the GEMV takes (x f32[1,K], act_shift u8[K]) and runs the per-token quantizer itself (decode):
+        (x, act_shift, wpack, wsum, wscale, [wmin], [bias], y_0, y_1, ...).
     w4a4_linear_func(N, K, target, *, has_bias=False, m=None)        (per-channel weights only)
         (xq u8[M,K] holding 4-bit codes 0..15, wpack u16, wsum i32[., 2], wscale f32[N,1], act_scale,
          act_zero, [bias], y f32[M,N])
     fp32.fp32_linear_func(N, K, target, *, has_bias=False, m=None)   (x f32[M,K], w packed, [bias], y)
 
     pack_w4a8_weights(qweight u8[N,K/2], wzero i8[N,G], target, wfmt="int8") -> {"wpack", "wsum"}
-    pack_w8a8_weights(qweight i8[N,K], wzero i8[N,G], target) -> {"wpack", "wsum"}
+    pack_w8a8_weights(qweight i8[N,K], wzero i8[N,G], target, wfmt=None) -> {"wpack", "wsum"}
+    layout.tile_tables(table [N, ...], target, wbits, wfmt) -> [N_pad/nb, ..., nb]   (tables="tiled")
     pack_w4a4_weights(qweight u8[N,K/2], wzero i8[N,1], target) -> {"wpack", "wsum"}
     fp32.pack_fp32_weights(weight f32[N,K], target) -> array
   Packing runs once at export time (numpy). Layouts are per ISA family (``layout.py``): int8 tiles

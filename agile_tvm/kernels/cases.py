@@ -16,11 +16,13 @@ def _scalar(v, dtype):
     return np.array(v, dtype=dtype)
 
 
-def _weights(kind, N, K, G, target, rng, extreme):
-    """Random weight codes q [N, K] and zero points wz i8[N, G] of a ``kind`` linear (ranges per the contract)."""
+def _weights(kind, N, K, G, target, rng, extreme, wfmt=None):
+    """Random weight codes q [N, K] and zero points wz i8[N, G] of a ``kind`` linear (ranges per the contract;
+    8-bit weights in int8 tiles need wz = 0, so that |q - wz| <= 127)."""
     if kind == "w8a8":
         q = rng.integers(-127, 128, (N, K))
-        wz = np.zeros((N, G), np.int8) if layout._isa(target) in ("sdot", "neon") else rng.integers(-5, 6, (N, G))
+        int8_tiles = layout._isa(target) in ("sdot", "neon") or wfmt == "int8"
+        wz = np.zeros((N, G), np.int8) if int8_tiles else rng.integers(-5, 6, (N, G))
         if extreme:
             q = np.where(rng.random((N, K)) < 0.5, -127, 127)
     else:
@@ -36,19 +38,19 @@ def _pack(kind, q, wz, target, wfmt):
     if kind == "w4a8":
         return layout.pack_w4a8_weights(reference.pack_int4(q), wz, target, wfmt=wfmt)
     if kind == "w8a8":
-        return layout.pack_w8a8_weights(q.astype(np.int8), wz, target)
+        return layout.pack_w8a8_weights(q.astype(np.int8), wz, target, wfmt=wfmt)
     return layout.pack_w4a4_weights(reference.pack_int4(q), wz, target)
 
 
 def linear_case(kind, N, K, M, target, *, group_size=None, has_bias=False, unit_scales=False, seed=0,
-                extreme=False, requant=False, wfmt="int8"):
+                extreme=False, requant=False, wfmt=None):
     """Inputs for w4a8 / w8a8 / w4a4 linears. ``unit_scales``: y == float(acc) exactly (integer check).
     ``extreme``: codes at the ends of their ranges (saturation / overflow check)."""
     rng = np.random.default_rng(seed)
     gs = K if group_size in (None, -1) else group_size
     G = K // gs
     a_hi = 15 if kind == "w4a4" else 255
-    q, wz = _weights(kind, N, K, G, target, rng, extreme)
+    q, wz = _weights(kind, N, K, G, target, rng, extreme, wfmt)
     xq = rng.integers(0, a_hi + 1, (M, K)).astype(np.uint8)
     zp = int(rng.integers(0, a_hi + 1))
     if extreme:
@@ -92,17 +94,19 @@ def token_activations(M, K, rng, bits=8, group_size=None, shift=None):
 
 
 def linear_v2_case(kind, N, K, M, target, *, group_size=None, has_wmin=False, has_bias=False, unit_scales=False,
-                   seed=0, extreme=False, wfmt="int8", bound=False):
+                   seed=0, extreme=False, wfmt=None, bound=False, tables="ng"):
     """Inputs for the checkpoint-v2 linears (``act="token"``, optionally ``has_wmin``), in the PrimFunc's order
     (xq, wpack, wsum, wscale, [wmin], act_scale f32[M], act_zero i32[M], [xsum], [bias], y).
 
     ``unit_scales``: s = wscale = 1 and integer wmin, so y is an exact integer (integer check of acc and xsum).
     ``extreme``: codes and per-row zero points at the ends of their ranges. ``bound=True`` also returns the
-    float32 rounding bound of ``reference.linear_error_bound`` (the tolerance of the float epilogue)."""
+    float32 rounding bound of ``reference.linear_error_bound`` (the tolerance of the float epilogue).
+    ``tables="tiled"``: wsum, wscale and wmin in the kernels' tile-major layout (``layout.tile_tables``);
+    ``"tiled16"``: the same in 16 bits (the kernels' ``compact=True``)."""
     rng = np.random.default_rng(seed)
     gs = K if group_size in (None, -1) else group_size
     G = K // gs
-    q, wz = _weights(kind, N, K, G, target, rng, extreme)
+    q, wz = _weights(kind, N, K, G, target, rng, extreme, wfmt)
     if has_wmin:  # contract v2: float weight offsets come with a zero integer weight zero point
         wz = np.zeros_like(wz)
     xq, s, zp, xsum = token_activations(M, K, rng, 4 if kind == "w4a4" else 8, gs)
@@ -119,7 +123,23 @@ def linear_v2_case(kind, N, K, M, target, *, group_size=None, has_wmin=False, ha
         wmin = (-8.5 * wscale * rng.uniform(0.5, 1.5, (N, G))).astype(np.float32)  # Q4_1-like block minima
     bias = (rng.standard_normal(N)).astype(np.float32) if has_bias else None
     packed = _pack(kind, q, wz, target, wfmt)
-    args = [xq, packed["wpack"], packed["wsum"], wscale] + ([wmin] if has_wmin else [])
+    wbits = 8 if kind == "w8a8" else 4
+    narrow = {np.dtype(np.float32): np.float16, np.dtype(np.int32): np.int16}
+
+    def lay(t):
+        if tables == "ng":
+            return t
+        if tables == "tiled16":
+            narrowed = t.astype(narrow[t.dtype])
+            assert np.array_equal(narrowed.astype(t.dtype), t), "a table of this case does not fit 16 bits"
+            t = narrowed
+        return layout.tile_tables(t, target, wbits, wfmt)
+
+    if tables == "tiled16":  # scales and offsets exactly representable in float16, as Q4_1-born weights are
+        wscale = wscale.astype(np.float16).astype(np.float32)
+        if has_wmin:
+            wmin = wmin.astype(np.float16).astype(np.float32)
+    args = [xq, packed["wpack"], lay(packed["wsum"]), lay(wscale)] + ([lay(wmin)] if has_wmin else [])
     args += [s.astype(np.float32), zp.astype(np.int32)] + ([xsum] if has_wmin else []) + ([bias] if has_bias else [])
     args.append(np.zeros((M, N), np.float32))
     wm, xs = (wmin, xsum) if has_wmin else (None, None)

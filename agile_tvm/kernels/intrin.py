@@ -10,12 +10,14 @@ the loop nest computes, used for pattern matching) plus an implementation (one o
 | ``agile_u8i8_avx2_8x4``    | AVX2      | same on ymm                                | [8, 4] int8 |
 | ``agile_i16_avx512_16x2``  | AVX-512BW | s16 x s16 -> s32, k = 2: ``vpmaddwd``      | [16, 2] int16 |
 | ``agile_i16_avx2_8x2``     | AVX2      | same on ymm                                | [8, 2] int16 |
+| ``agile_s8s8_avx2_8x4``    | AVX2      | s8 x s8 -> s32, k = 4: 2 ``vpsignb`` + u8i8's two | [8, 4] int8 |
 | ``agile_sdot_4x4``         | AArch64 +dotprod | s8 x s8 -> s32, k = 4: ``sdot``     | [4, 4] int8 |
 | ``agile_neon_smull_4x4``   | AArch64 NEON     | same: ``smull`` + ``saddlp`` + ``addp`` | [4, 4] int8 |
 
 ``pmaddubsw`` adds two u8*s8 products in int16 with saturation: exact only when |a0*b0 + a1*b1| <= 32767,
 true for 8-bit activations times 5-bit weights (|q - wzero| <= 15), false for 8-bit weights. That is why
-W8A8 on x86 uses the int16 ``pmaddwd`` path (half the multiplies per instruction).
+W8A8 on x86 uses the int16 ``pmaddwd`` path (half the multiplies per instruction), or on AVX2 with |w| <= 127 the
+``vpsignb`` path: signed activations xq - 128 give |a| <= 128, and 2 * 128 * 127 = 32512 fits.
 """
 
 from __future__ import annotations
@@ -181,6 +183,34 @@ def _nibble_impl(lanes: int):
     return impl
 
 
+def _psign_pmaddubsw_impl(lanes: int):
+    """Signed x signed bytes on AVX2: C += pmaddwd(pmaddubsw(|a|, sign(B, a)), 1) with a = broadcast(A as i32).
+
+    vpsignb moves the sign of each activation byte onto its weight byte, so pmaddubsw's unsigned operand is |a|
+    <= 128 and its signed one |w| <= 127 (packing refuses -128): a pair sum is at most 2 * 128 * 127 = 32512,
+    below int16 saturation. |a| of -128 wraps to the byte 0x80, which is 128 read as unsigned."""
+    bits = lanes * 32
+    u8v, i8v, i16v, i32v = (f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}", f"int32x{lanes}")
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "int8", offset_factor=1)
+        B = T.match_buffer(b, (lanes, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            a_vec = T.reinterpret(i8v, T.broadcast(T.reinterpret("int32", A.vload([0], "int8x4")), lanes))
+            a_abs = T.reinterpret(u8v, T.call_llvm_pure_intrin(i8v, "llvm.x86.avx2.psign.b", a_vec, a_vec))
+            w_signed = T.call_llvm_pure_intrin(i8v, "llvm.x86.avx2.psign.b", B.vload([0, 0], i8v), a_vec)
+            pairs = T.call_llvm_pure_intrin(i16v, "llvm.x86.avx2.pmadd.ub.sw", a_abs, w_signed)
+            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
+                i32v, "llvm.x86.avx2.pmadd.wd", pairs, T.broadcast(T.int16(1), bits // 16)
+            )
+
+    return impl
+
+
 def _pmaddwd_impl(lanes: int):
     """C += pmaddwd(broadcast(A as i32), B): 2 int16 products per int32 lane."""
     bits = lanes * 32
@@ -256,6 +286,9 @@ DOT_X4_INTRINSICS = {"avx512": ("agile_u8i8x4_avx512_16x16", 16), "avx2": ("agil
 #: Nibble-packed W4A8 (4-bit weights read straight from memory): x86 only, k per step 16.
 NIBBLE_INTRINSICS = {"avx512": ("agile_u4x4_avx512_16x16", 16), "avx2": ("agile_u4x4_avx2_8x16", 8)}
 
+#: Signed activation bytes times int8 weights on x86 (W8A8 in int8 tiles, ``layout.signed_x86_w8``), k = 4.
+SIGNED_X86_INTRINSICS = {"avx2": ("agile_s8s8_avx2_8x4", 8)}
+
 #: (intrinsic name, lanes, k per step, activation dtype, weight dtype) per ISA and weight width.
 DOT_INTRINSICS = {
     ("avx512", 8): ("agile_u8i8_avx512_16x4", 16, 4, "uint8", "int8"),
@@ -281,6 +314,8 @@ def register_all() -> None:
     for name, lanes, kk, a_dt, b_dt in DOT_INTRINSICS.values():
         desc = _dot_desc(lanes, kk, a_dt, b_dt)
         TensorIntrin.register(name, desc, impls[name], override=True)
+    for name, lanes in SIGNED_X86_INTRINSICS.values():
+        TensorIntrin.register(name, _dot_desc(lanes, 4, "int8", "int8"), _psign_pmaddubsw_impl(lanes), override=True)
     for name, lanes in NIBBLE_INTRINSICS.values():
         TensorIntrin.register(name, _nibble_desc(lanes), _nibble_impl(lanes), override=True)
     for name, lanes in DOT_X4_INTRINSICS.values():

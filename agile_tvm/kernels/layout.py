@@ -7,7 +7,8 @@ single SIMD dot-product instruction consumes (see ``intrin.py``). Packing is not
 The packed values are the zero-corrected codes ``w' = q - wzero`` (4-bit: [-15, 15]; 8-bit: int16 on x86, int8 on
 ARM), so the kernel computes ``dot = sum_k xs[m, k] * w'[n, k]`` and recovers the contract's accumulator with one
 precomputed row sum: ``acc = dot + (o - zp) * wsum[n, g]`` where ``xs = xq - o`` is the activation as the ISA wants
-it (o = 0 on x86: pmaddubsw takes unsigned bytes; o = 128 on ARM: sdot takes signed bytes).
+it (o = 0 on x86: pmaddubsw takes unsigned bytes; o = 128 on ARM: sdot takes signed bytes, and for x86 W8A8 in
+int8 tiles, ``wfmt="int8"``: vpsignb moves the activation's sign onto the weight).
 N is zero-padded to a multiple of ``nb`` (the padded outputs are computed and never stored); K must be a multiple
 of ``kk`` and of 4. On x86 the W4A8 schedule consumes four consecutive k tiles per step when the group size is a
 multiple of 16 (same layout).
@@ -26,9 +27,33 @@ from agile_tvm.errors import UserError
 from . import reference
 
 
-def linear_layout(isa: str, wbits: int) -> tuple[int, int, str]:
+def check_wfmt(isa: str, wbits: int, wfmt: str) -> None:
+    """The weight formats a kernel accepts: "int8" tiles everywhere for 4-bit weights (and on ARM for 8-bit);
+    on x86, 8-bit weights default to "int16" tiles and take "int8" (signed activations, ``vpsignb``) on AVX2."""
+    ok = {4: ("int8", "nibble"), 8: ("int8", "int16")}.get(wbits, ())
+    if wfmt not in ok:
+        raise UserError(f"weight format {wfmt!r} does not exist for {wbits}-bit weights (choose one of {ok})")
+    if wbits == 8 and wfmt == "int16" and isa not in ("avx512", "avx2", "generic"):
+        raise UserError(f"the int16 weight format is the x86 W8A8 path; {isa} uses wfmt='int8'")
+    if wbits == 8 and wfmt == "int8" and isa not in ("avx2", "sdot", "neon"):
+        raise UserError(f"8-bit weights in int8 tiles need AVX2's vpsignb or an ARM target, not {isa}: "
+                        "use wfmt='int16'")
+
+
+def default_wfmt(isa: str, wbits: int) -> str:
+    """The weight format of a kernel built without ``wfmt``: int16 tiles for W8A8 on x86, int8 tiles otherwise."""
+    return "int16" if wbits == 8 and isa in ("avx512", "avx2", "generic") else "int8"
+
+
+def signed_x86_w8(isa: str, wbits: int, wfmt: str) -> bool:
+    """True for W8A8 on x86 in int8 tiles: activations become signed bytes xq - 128 and each product is made
+    with ``vpsignb`` + ``vpmaddubsw`` (|xq - 128| <= 128, |w'| <= 127: a pair sum <= 32512 never saturates)."""
+    return wbits == 8 and wfmt == "int8" and isa in ("avx512", "avx2", "generic")
+
+
+def linear_layout(isa: str, wbits: int, wfmt: str | None = None) -> tuple[int, int, str]:
     """(nb, kk, dtype) of the packed weight tile for an ISA family and stored weight width (4 or 8 bits)."""
-    x86_wide = wbits == 8  # 8-bit weights minus zero do not fit pmaddubsw without saturation
+    x86_wide = wbits == 8 and (wfmt or default_wfmt(isa, wbits)) == "int16"  # int16 pmaddwd tiles
     if isa == "avx512":
         return (16, 2, "int16") if x86_wide else (16, 4, "int8")
     if isa in ("avx2", "generic"):
@@ -38,9 +63,11 @@ def linear_layout(isa: str, wbits: int) -> tuple[int, int, str]:
     raise UserError(f"unknown ISA family {isa!r}")
 
 
-def activation_offset(isa: str) -> int:
-    """o such that the kernel multiplies xs = xq - o (0 on x86: unsigned bytes; 128 on ARM: signed bytes)."""
-    return 128 if isa in ("sdot", "neon") else 0
+def activation_offset(isa: str, wbits: int = 4, wfmt: str | None = None) -> int:
+    """o such that the kernel multiplies xs = xq - o (0 on x86: unsigned bytes; 128 on ARM and for x86 W8A8 in
+    int8 tiles: signed bytes)."""
+    signed = isa in ("sdot", "neon") or signed_x86_w8(isa, wbits, wfmt or default_wfmt(isa, wbits))
+    return 128 if signed else 0
 
 
 def check_linear_shape(N: int, K: int, group_size: int | None) -> tuple[int, int]:
@@ -69,14 +96,15 @@ def _tile(w: np.ndarray, nb: int, kk: int, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(n_pad // nb, nb, K // kk, kk).transpose(0, 2, 1, 3)).astype(dtype)
 
 
-def _pack_corrected(w: np.ndarray, G: int, isa: str, wbits: int) -> dict[str, np.ndarray]:
-    nb, kk, dtype = linear_layout(isa, wbits)
+def _pack_corrected(w: np.ndarray, G: int, isa: str, wbits: int, wfmt: str | None = None) -> dict[str, np.ndarray]:
+    nb, kk, dtype = linear_layout(isa, wbits, wfmt)
     N, K = w.shape
     info = np.iinfo(dtype)
-    if w.min() < info.min or w.max() > info.max:
+    lo = -127 if signed_x86_w8(isa, wbits, wfmt or default_wfmt(isa, wbits)) else info.min  # vpsignb: no -128
+    if w.min() < lo or w.max() > info.max:
         raise UserError(
-            f"weight codes minus zero point span [{w.min()}, {w.max()}], outside {dtype} needed by the {isa} kernel: "
-            "use symmetric 8-bit weights (wzero = 0)"
+            f"weight codes minus zero point span [{w.min()}, {w.max()}], outside [{lo}, {info.max}] needed by the "
+            f"{isa} kernel: use symmetric 8-bit weights (wzero = 0)" + (" or wfmt='int16'" if lo == -127 else "")
         )
     n_pad = -(-N // nb) * nb
     wsum = np.zeros((n_pad, G), dtype=np.int32)
@@ -113,6 +141,20 @@ def _pack_nibbles(q: np.ndarray, wzero: np.ndarray, isa: str) -> dict[str, np.nd
     return {"wpack": wpack, "wsum": wsum}
 
 
+def tile_tables(table, target, wbits: int = 4, wfmt: str | None = None) -> np.ndarray:
+    """A per-output-channel table [N or n_pad, ...] (wscale, wmin [N, G]; wsum [n_pad, G] or [n_pad, 2, G]) in the
+    kernels' ``tables="tiled"`` layout [n_pad / nb, ..., nb], zero-padded to whole tiles of nb channels: each
+    tile's values of one group are contiguous, so the GEMV reads them as vectors (run once, at export)."""
+    table = np.asarray(table)
+    isa = _isa(target)
+    nb = linear_layout(isa, wbits, wfmt or default_wfmt(isa, wbits))[0]
+    n_pad = -(-table.shape[0] // nb) * nb
+    padded = np.zeros((n_pad, *table.shape[1:]), table.dtype)
+    padded[: table.shape[0]] = table
+    tiles = padded.reshape(n_pad // nb, nb, *table.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(tiles, 1, -1))
+
+
 def _isa(target) -> str:
     from agile_tvm.targets import isa_of
 
@@ -140,8 +182,11 @@ def pack_w4a8_weights(qweight, wzero, target, wfmt: str = "int8") -> dict[str, n
     return _pack_corrected(w, G, _isa(target), 4)
 
 
-def pack_w8a8_weights(qweight, wzero, target) -> dict[str, np.ndarray]:
-    """Checkpoint 8-bit ``qweight`` i8[N, K] + ``wzero`` i8[N, G] -> {"wpack", "wsum"} for ``target``."""
+def pack_w8a8_weights(qweight, wzero, target, wfmt: str | None = None) -> dict[str, np.ndarray]:
+    """Checkpoint 8-bit ``qweight`` i8[N, K] + ``wzero`` i8[N, G] -> {"wpack", "wsum"} for ``target``.
+
+    ``wfmt`` (default per ISA, ``default_wfmt``): "int16" tiles (x86, any zero point) or "int8" tiles (ARM; x86
+    AVX2 with |q - wzero| <= 127, half the bytes: what a bandwidth-bound GEMV such as the LM head wants)."""
     qweight = np.asarray(qweight)
     wzero = np.asarray(wzero)
     if qweight.dtype != np.int8 or qweight.ndim != 2:
@@ -152,7 +197,10 @@ def pack_w8a8_weights(qweight, wzero, target) -> dict[str, np.ndarray]:
     G = wzero.shape[1]
     _check_groups(N, K, G)
     w = qweight.astype(np.int32) - np.repeat(wzero.astype(np.int32), K // G, axis=1)
-    return _pack_corrected(w, G, _isa(target), 8)
+    isa = _isa(target)
+    wfmt = wfmt or default_wfmt(isa, 8)
+    check_wfmt(isa, 8, wfmt)
+    return _pack_corrected(w, G, isa, 8, wfmt)
 
 
 def pack_w4a4_weights(qweight, wzero, target) -> dict[str, np.ndarray]:

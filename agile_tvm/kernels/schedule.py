@@ -49,7 +49,7 @@ def _grouped_tiling(info, l1_budget: int = 28 * 1024) -> tuple[int, int]:
     nb, G, gs = info["nb"], info["G"], info["gs"]
     nblocks = info["n_pad"] // nb
     nt = next(t for t in (4, 3, 2, 1) if nblocks % t == 0)
-    wbytes = {"nibble": 0.5}.get(info["wfmt"], 2 if info["kk"] == 2 else 1)
+    wbytes = 2 if info["kk"] == 2 else 1  # nibbles are unpacked to int8 tiles per panel (``decoded``)
     per_group = nt * nb * (gs * wbytes + 4 * len(info["stages"]))
     chunks = next((c for c in range(1, G + 1) if G % c == 0 and per_group * (G // c) <= l1_budget), G)
     return nt, chunks
@@ -65,6 +65,9 @@ def _gemv_nt(nblocks: int) -> int:
 
 
 def _intrinsic(info) -> str | None:
+    if info.get("signed_act") and info["isa"] in intrin.SIGNED_X86_INTRINSICS:  # x86 W8A8 in int8 tiles
+        intrin.register_all()
+        return intrin.SIGNED_X86_INTRINSICS[info["isa"]][0]
     key = (info["isa"], 16 if info["kk"] == 2 else 8)
     if key in intrin.DOT_INTRINSICS:
         intrin.register_all()
@@ -94,13 +97,52 @@ def schedule_linear(func, info, *, nt: int | None = None):
     out_name = "yq" if info["requant"] else "y"
     if info["requant"]:
         sch.compute_inline(sch.get_sblock("y"))
-    out = sch.get_sblock(out_name)
-    sch.reverse_compute_at(out, mo)
-    if info["has_xs"]:
-        sch.compute_at(sch.get_sblock("xs"), mo)
+    if info["outs"] or info["x_float"]:
+        _schedule_outs(sch, info)
+    else:
+        sch.reverse_compute_at(sch.get_sblock(out_name), mo)
+    _schedule_quantizer(sch, info)
+    _place_xs(sch, info, mo)
 
     _tile_dot(sch, dot, info, ko, noi, ni, ki)
     return mark_scheduled(sch.mod["main"])
+
+
+def _vectorize_last(sch, block, extent: int) -> None:
+    lanes = next((v for v in (8, 4) if extent % v == 0), None)
+    if lanes:
+        sch.vectorize(sch.split(sch.get_loops(block)[-1], [None, lanes])[1])
+
+
+def _schedule_outs(sch, info) -> None:
+    """The decode GEMV's outputs (several with ``outs``; also with ``x_float``, whose row scale is produced before
+    the parallel loop): written after it from the float row (a few hundred vector stores), vectorized."""
+    for name in [f"y{j}" for j in range(info["outs"])] or ["y"]:
+        block = sch.get_sblock(name)
+        _vectorize_last(sch, block, int(sch.get(block).iter_vars[-1].dom.extent))
+
+
+def _schedule_quantizer(sch, info) -> None:
+    """``x_float``: the row's quantizer runs once, before the parallel loop; its elementwise passes vectorized."""
+    if not info["x_float"]:
+        return
+    for name in ("xv", "xq"):
+        _vectorize_last(sch, sch.get_sblock(name), info["K"])
+
+
+def _place_xs(sch, info, row_loop):
+    """The converted activations xs (int16 / signed bytes): per row inside each n panel for GEMM (the row is in
+    L1 anyway); once, before the parallel loop, for GEMV (one row converted once instead of once per panel: the
+    LM head has 768 panels)."""
+    if not info["has_xs"]:
+        return
+    xs = sch.get_sblock("xs")
+    if info["m"] == 1:
+        k = sch.get_loops(xs)[-1]
+        if info["K"] % 32 == 0:
+            sch.vectorize(sch.split(k, [None, 32])[1])
+        return
+    sch.compute_at(xs, row_loop)
 
 
 def _tile_dot(sch, dot, info, ko, noi, ni, ki):
@@ -150,23 +192,30 @@ def _schedule_grouped(sch, info, nt, chunks):
     if part:
         sch.unroll(part[0])
     sch.parallel(no)
-    sch.reverse_compute_at(sch.get_sblock(out_name), no if chunks > 1 else i)
-    for stage in info["stages"]:  # GEMV: one row cannot amortize a transposed copy; read [N, G] in place
+    if info["outs"] or info["x_float"]:
+        _schedule_outs(sch, info)
+    else:
+        sch.reverse_compute_at(sch.get_sblock(out_name), no if chunks > 1 else i)
+    _schedule_quantizer(sch, info)
+    for stage in info["stages"]:  # GEMV: one row cannot amortize a copy; read the tables in place (tiled: vectors)
         if info["m"] == 1:
             sch.compute_inline(sch.get_sblock(stage))
         else:
             sch.compute_at(sch.get_sblock(stage), gro if chunks > 1 else no)
     dot = sch.get_sblock("dot")
     sch.compute_at(dot, gr)
-    if info["has_xs"]:
-        sch.compute_at(sch.get_sblock("xs"), i)
-    if info["wfmt"] == "nibble":
+    _place_xs(sch, info, i)
+    if info["has_xqsum"]:
         sch.compute_at(sch.get_sblock("xqsum"), i)
+    if info["decoded"]:  # the panel's (chunk's) nibbles unpacked once into int8 tiles, before its rows
+        wdec = sch.get_sblock("wdec")
+        sch.compute_at(wdec, gro if chunks > 1 else no)
+        sch.vectorize(sch.fuse(*sch.get_loops(wdec)[-2:]))
     dn, dk = sch.get_loops(dot)[-2:]
     dnoi, dni = sch.split(dn, [None, nb])
     ko, ki = sch.split(dk, [None, kk])
     sch.reorder(ko, dnoi, dni, ki)
-    if info["wfmt"] == "nibble":  # 16 k of 4-bit codes per step, unpacked in registers
+    if info["wfmt"] == "nibble" and not info["decoded"]:  # 16 k of 4-bit codes per step, unpacked in registers
         sch.decompose_reduction(dot, ko)
         intrin.register_all()
         sch.tensorize(dni, intrin.NIBBLE_INTRINSICS[info["isa"]][0])
@@ -177,7 +226,7 @@ def _schedule_grouped(sch, info, nt, chunks):
     sch.vectorize(ni)
     finit = sch.decompose_reduction(facc, gro if chunks > 1 else gr)
     sch.vectorize(sch.get_loops(finit)[-1])
-    if chunks > 1 and info["N"] % nb == 0:  # the output pass over the panel (no ragged lanes to guard)
+    if chunks > 1 and info["N"] % nb == 0 and not info["outs"]:  # the output pass over the panel (no ragged lanes)
         yl = sch.get_loops(sch.get_sblock(out_name))[-1]
         sch.vectorize(sch.split(yl, [None, nb])[1])
     return mark_scheduled(sch.mod["main"])
