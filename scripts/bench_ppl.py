@@ -84,6 +84,15 @@ def scheme_summary(name: str) -> str:
     return f"{w} {a} attn-{'fp' if c.attention is None else 'int8-log2'}"
 
 
+def scheme_hash(cfg) -> str:
+    """8 hex digits of the scheme's knobs: a config whose definition changed never reuses an old checkpoint or old
+    per-window results. Knobs added later are left out while they are off, so existing checkpoints keep their key."""
+    knobs = {**cfg.to_dict(), "pruning": None}
+    if knobs.get("act") and not knobs["act"].get("smooth"):
+        knobs["act"] = {k: v for k, v in knobs["act"].items() if k != "smooth"}
+    return hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def record_key(r: dict) -> tuple:
     return (r["model"], r["corpus"], r["config"], float(r["prune_beta"]), r["seq_len"], r["windows"], r["protocol"])
 
@@ -100,8 +109,7 @@ def get_model(args, name: str, beta: float, loaded_cache: dict):
     calib_beta = beta if args.calibrate_pruned else 0.0
     cfg = get_config(name)
     cfg.pruning.beta, cfg.pruning.start_layer = calib_beta, args.prune_start
-    # the scheme's knobs are in the cache key: a config whose definition changed never reuses an old checkpoint
-    knobs = hashlib.sha256(json.dumps({**cfg.to_dict(), "pruning": None}, sort_keys=True).encode()).hexdigest()[:8]
+    knobs = scheme_hash(cfg)
     tag = f"{Path(args.model).name}-{name}-{knobs}-c{args.calib_corpus}{args.calib_samples}x{args.calib_seq_len}"
     if calib_beta:
         tag += f"-p{calib_beta}s{args.prune_start}"
@@ -176,8 +184,10 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
         return
     qm = qm or get_model(args, name, beta, loaded_cache)
     use_tvm = args.backend == "tvm" and name != "fp"
+    from agile_tvm.quant.configs import get_config
+
     pkey = [model_name, corpus_name, spec, args.seq_len, args.calib_samples, args.calib_seq_len,
-            args.calib_corpus, args.prune_start]
+            args.calib_corpus, args.prune_start, scheme_hash(get_config(name))]
     pkey = json.dumps(pkey + ["tvm"] if use_tvm else pkey)  # the backends differ in float noise: never mixed
     per_window = partial.setdefault(pkey, [])
     forward = forward_fn_for(qm.model)
