@@ -81,6 +81,8 @@ def scheme_summary(name: str) -> str:
     c = get_config(name)
     w = "fp" if c.weight is None else f"w{c.weight.bits}-{c.weight.method}-g{c.weight.group_size}-{c.weight.zero}0"
     a = "fp" if c.act is None else f"a{c.act.bits}-{c.act.granularity}{'-trip' if c.act.trip else ''}"
+    if c.act is not None and c.act.smooth:
+        a += f"-smooth{c.act.smooth}"
     return f"{w} {a} attn-{'fp' if c.attention is None else 'int8-log2'}"
 
 
@@ -94,7 +96,9 @@ def scheme_hash(cfg) -> str:
 
 
 def record_key(r: dict) -> tuple:
-    return (r["model"], r["corpus"], r["config"], float(r["prune_beta"]), r["seq_len"], r["windows"], r["protocol"])
+    """A record is redone when its config's scheme changed (the scheme summary is part of the key)."""
+    return (r["model"], r["corpus"], r["config"], float(r["prune_beta"]), r["seq_len"], r["windows"], r["protocol"],
+            r.get("scheme"))
 
 
 def get_model(args, name: str, beta: float, loaded_cache: dict):

@@ -43,6 +43,8 @@ def bench_tvm_module(out_dir, tokens: list[int], decode_tokens: int, repeat: int
     man = lm.manifest
     size_mb = sum((Path(out_dir) / man[k]).stat().st_size for k in ("library", "weights_file")) / 1e6
     config = "fp32" if man.get("scheme") in ("fp", None) else man["scheme"]
+    if man.get("pruning"):  # token pruning compiled in: e.g. agileq8@0.4
+        config += f"@{man['pruning']['beta']}"
     base = {"target": man["target"], "model": man.get("source_model") or man["arch"], "impl": "tvm",
             "config": config, "size_mb": round(size_mb, 2), "module": str(out_dir)}
     fits = []
