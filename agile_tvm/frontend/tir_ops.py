@@ -411,6 +411,138 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     return func
 
 
+#: float lanes of the decode attention's vectors (AVX2: 8 x float32); head_dim must be a multiple for it
+DECODE_LANES = 8
+
+
+@functools.lru_cache(maxsize=None)
+def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool,
+                     parallel: bool = False):
+    """The attention of one query (decode: n = 1) over m cached keys, bit for bit what `attention_blocked` computes
+    for n = 1, without its blocking: one pass per KV head g over its keys, for the `heads // kv_heads` query heads
+    sharing g together (each K/V row is loaded once for all of them).
+
+    1. Q.K per key: the K row is contiguous over d, so each of the group's rows gets DECODE_LANES partial sums
+       over d (vector FMAs), added in a tree. INT8: every partial sum is an integer below 2^24, so any order gives
+       the exact dot, the same float as the blocked kernel's. Score = dot * (q_scale * k_scale / sqrt(D)) + ALiBi.
+    2. Per block of DECODE_LANES keys: e_j = exp(s_j - max) (`_exp_nonpositive`), summed in lane j % 8 (the blocked
+       kernel's lane sums, same order), INT8: weight 2^-c of the log2 code (`_log2_weight`); out += w_j * v_j,
+       skipped for w_j = 0 (adding 0 changes nothing).
+    3. out = acc * v_scale * pmax (pmax = 1 / sum of the lanes in order) for INT8, acc / sum for float.
+    `parallel`: one parallel task per KV head. Off in models: at 512 keys (SmolLM2, 9 heads / 3 KV heads, shared
+    2-core machine) the serial loop took 33 us at 1 thread and 37 us at 2, the parallel one 35 and 47 us (the
+    blocked kernel: 76 us and 105 us).
+    """
+    group = heads // kv_heads
+    inv_sqrt = 1.0 / math.sqrt(head_dim)
+    top = 2**softmax_bits - 1
+    quant = kv_dtype == "int8"
+    lanes = DECODE_LANES
+    assert head_dim % lanes == 0, "decode attention needs head_dim a multiple of DECODE_LANES"
+    assert not quant or head_dim * 127 * 127 < 2**24, "INT8 Q.K no longer exact in float32"
+    chunks = head_dim // lanes
+    use_alibi = alibi
+    I64 = T.int64
+
+    @T.macro
+    def one_kv_head(Q, K, V, SC, SL, O, m, g):
+        qf = T.decl_buffer((group, head_dim), "float32")
+        sc = T.decl_buffer((group, m + lanes), "float32")
+        acc = T.decl_buffer((group, head_dim), "float32")
+        part = T.decl_buffer((group, lanes), "float32", scope="local")
+        row = T.decl_buffer((head_dim,), "float32", scope="local")  # the K or V row being used, as float32
+        rmax = T.decl_buffer((group, lanes), "float32")
+        rsum = T.decl_buffer((group, lanes), "float32")
+        w = T.decl_buffer((group, lanes), "float32")
+        red = T.decl_buffer((2,), "float32")
+        if quant:
+            red[0] = SC[0] * SC[1] * T.float32(inv_sqrt)
+        else:
+            red[0] = T.float32(inv_sqrt)
+        for r in T.serial(I64(group)):
+            for d in T.vectorized(I64(head_dim)):
+                if quant:
+                    qf[r, d] = T.max(T.min(T.floor(Q[0, g * group + r, d] / SC[0] + T.float32(0.5)),
+                                           T.float32(127)), T.float32(-127))
+                else:
+                    qf[r, d] = Q[0, g * group + r, d]
+                acc[r, d] = T.float32(0)
+            for l in T.vectorized(I64(lanes)):
+                rmax[r, l] = T.float32(-3.0e38)
+                rsum[r, l] = T.float32(0)
+        for j in T.serial(m):
+            for r in T.unroll(I64(group)):
+                for l in T.vectorized(I64(lanes)):
+                    part[r, l] = qf[r, l] * T.Cast("float32", K[j, g, l])
+                for c in T.unroll(I64(1), I64(chunks)):
+                    for l in T.vectorized(I64(lanes)):
+                        part[r, l] = part[r, l] + qf[r, c * lanes + l] * T.Cast("float32", K[j, g, c * lanes + l])
+                for l in T.vectorized(I64(4)):
+                    part[r, l] = part[r, l] + part[r, l + 4]
+                for l in T.vectorized(I64(2)):
+                    part[r, l] = part[r, l] + part[r, l + 2]
+                sc[r, j] = (part[r, 0] + part[r, 1]) * red[0]
+                if use_alibi:
+                    sc[r, j] = sc[r, j] + SL[g * group + r] * T.Cast("float32", j)
+                rmax[r, j % lanes] = T.max(rmax[r, j % lanes], sc[r, j])
+        for r in T.serial(I64(group)):
+            red[1] = T.float32(-3.0e38)
+            for l in T.serial(I64(lanes)):
+                red[1] = T.max(red[1], rmax[r, l])
+            rmax[r, 0] = red[1]
+        for b in T.serial((m + lanes - 1) // lanes):
+            for r in T.unroll(I64(group)):
+                for l in T.vectorized(I64(lanes)):
+                    w[r, l] = T.Select(b * lanes + l < m, _exp_nonpositive(sc[r, b * lanes + l] - rmax[r, 0]),
+                                       T.float32(0))
+                    rsum[r, l] = rsum[r, l] + w[r, l]
+                    if quant:
+                        w[r, l] = _log2_weight(w[r, l], top)
+            for jj in T.serial(T.min(I64(lanes), m - b * lanes)):
+                for r in T.unroll(I64(group)):
+                    if w[r, jj] > T.float32(0):
+                        for d in T.vectorized(I64(head_dim)):
+                            acc[r, d] = acc[r, d] + w[r, jj] * T.Cast("float32", V[b * lanes + jj, g, d])
+        for r in T.serial(I64(group)):
+            red[1] = T.float32(0)
+            for l in T.serial(I64(lanes)):
+                red[1] = red[1] + rsum[r, l]
+            for d in T.vectorized(I64(head_dim)):
+                if quant:
+                    O[0, g * group + r, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
+                else:
+                    O[0, g * group + r, d] = acc[r, d] / red[1]
+
+    if parallel:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+            m = T.int64()
+            Q = T.match_buffer(q_h, (1, heads, head_dim), "float32")
+            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+            SC = T.match_buffer(s_h, (3,), "float32")
+            SL = T.match_buffer(sl_h, (heads,), "float32")
+            O = T.match_buffer(o_h, (1, heads, head_dim), "float32")
+            for g in T.parallel(I64(kv_heads)):
+                one_kv_head(Q, K, V, SC, SL, O, m, g)
+    else:
+        @T.prim_func(private=True)
+        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
+            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+            m = T.int64()
+            Q = T.match_buffer(q_h, (1, heads, head_dim), "float32")
+            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+            SC = T.match_buffer(s_h, (3,), "float32")
+            SL = T.match_buffer(sl_h, (heads,), "float32")
+            O = T.match_buffer(o_h, (1, heads, head_dim), "float32")
+            for g in T.serial(I64(kv_heads)):
+                one_kv_head(Q, K, V, SC, SL, O, m, g)
+
+    return func
+
+
 #: mantissa bits of float32(sqrt(2)): the log2 code thresholds float32(2^(0.5 - c)) are 2^-c times this float
 _SQRT2_MANTISSA = int(np.float32(np.sqrt(2.0)).view(np.int32)) & 0x7FFFFF
 
@@ -428,6 +560,54 @@ def _log2_weight(y, top: int):
     code = tirx.min(tirx.max(i32(0) - exponent - above, i32(0)), i32(top))
     weight = tirx.reinterpret("float32", tirx.shift_left(i32(127) - code, i32(23)))
     return tirx.Select(code < top, weight, tirx.const(0.0, "float32"))
+
+
+#: rows per task of the rms_norm kernel: their serial sums of squares interleave (independent add chains)
+RMS_NORM_ROWS = 4
+#: float lanes of the rms_norm kernel's vectors; the width must be a multiple of it
+RMS_NORM_LANES = 8
+
+
+@functools.lru_cache(maxsize=None)
+def rms_norm(width: int, eps: float):
+    """LLaMA's RMSNorm of each row of x [n, width], bit for bit what Relax's legalized R.nn.rms_norm computes:
+    out = rsqrt(sum_d x_d^2 / width + eps) * x * weight, the squares rounded to float32 first and summed in order
+    d = 0, 1, ... (the sum's order decides its rounding, and one ulp of a norm output can flip an activation code
+    downstream: measured on SmolLM2 agileq8, a reordered sum moved logits by up to 7).
+
+    Speed without changing that order: a task takes RMS_NORM_ROWS rows, writes their squares (vectorized) to a
+    scratch row first (so no fused multiply-add can merge square and sum), then runs the rows' serial sums
+    interleaved (independent dependency chains), then the scale, vectorized."""
+    lanes, rows = RMS_NORM_LANES, RMS_NORM_ROWS
+    assert width % lanes == 0, "rms_norm kernel needs width a multiple of RMS_NORM_LANES"
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, w_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        X = T.match_buffer(x_h, (n, width), "float32")
+        W = T.match_buffer(w_h, (width,), "float32")
+        O = T.match_buffer(o_h, (n, width), "float32")
+        for t in T.parallel((n + rows - 1) // rows):
+            sq = T.decl_buffer((rows, width), "float32")
+            acc = T.decl_buffer((rows,), "float32", scope="local")
+            for r in T.serial(rows):
+                for c in T.serial(width // lanes):
+                    for l in T.vectorized(lanes):
+                        sq[r, c * lanes + l] = X[T.min(t * rows + r, n - 1), c * lanes + l] * X[
+                            T.min(t * rows + r, n - 1), c * lanes + l]
+                acc[r] = T.float32(0)
+            for d in T.serial(width):
+                for r in T.unroll(rows):
+                    acc[r] = acc[r] + sq[r, d]
+            for r in T.serial(rows):
+                if t * rows + r < n:
+                    acc[r] = T.rsqrt(acc[r] / T.float32(width) + T.float32(eps))
+                    for c in T.serial(width // lanes):
+                        for l in T.vectorized(lanes):
+                            O[t * rows + r, c * lanes + l] = acc[r] * X[t * rows + r, c * lanes + l] * W[c * lanes + l]
+
+    return func
 
 
 @functools.lru_cache(maxsize=None)
