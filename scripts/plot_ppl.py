@@ -27,7 +27,9 @@ def plot_sparsity(records: list, path: Path, corpus: str = "handbook", config: s
     runs = [r for r in records if r["corpus"] == corpus and r["config"] == config and r["seq_len"] == 2048]
     if not runs:
         return False
-    windows = max(r["windows"] for r in runs)  # compare like with like: the largest common window count
+    # compare like with like: the window count with the most pruned runs (ties: the larger count)
+    pruned = [r["windows"] for r in runs if r["prune_beta"] > 0] or [r["windows"] for r in runs]
+    windows = max(set(pruned), key=lambda w: (pruned.count(w), w))
     runs = [r for r in runs if r["windows"] == windows]
     fig, ax = plt.subplots(figsize=(6, 4))
     for protocol, style in (("all-tokens", "o-"), ("pruned-labels-dropped", "s--")):
@@ -39,6 +41,7 @@ def plot_sparsity(records: list, path: Path, corpus: str = "handbook", config: s
           and r["seq_len"] == 2048]
     if fp:
         ax.axhline(fp[0]["ppl"], color="gray", linestyle=":", label=f"fp32 ({fp[0]['ppl']:.2f})")
+    ax.set_yscale("log")  # all-tokens perplexity grows by orders of magnitude with pruning
     ax.set_xlabel("token sparsity (eq. 10)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"SmolLM2-135M, {corpus}, seq 2048, {windows} windows")
