@@ -59,9 +59,14 @@ def bench_tvm_module(out_dir, tokens: list[int], decode_tokens: int, repeat: int
         return _median_ms(lambda: lm.step(ids, 0, lm.new_cache()), repeat)
 
     def decode_rate(n):
-        return _tvm_decode_rate(lm, _prompt(n, lm.vocab_size), decode_tokens)
+        return _median_rate(lambda: _tvm_decode_rate(lm, _prompt(n, lm.vocab_size), decode_tokens), repeat)
 
     return _records_per_length(f"tvm {config}", base, fits, prefill_ms, decode_rate)
+
+
+def _median_rate(measure, repeat: int) -> float:
+    """Median of `repeat` decode runs: one run of a few dozen steps varies by +-15% here (measured), like prefill."""
+    return float(np.median([measure() for _ in range(max(1, repeat))]))
 
 
 def _records_per_length(label: str, base: dict, tokens: list[int], prefill_ms, decode_rate) -> list[dict]:
@@ -104,7 +109,8 @@ def _torch_records(impl: str, model, tokens, decode_tokens, repeat, size_mb, mod
             return _median_ms(lambda: model(ids, logits_to_keep=1, use_cache=True), repeat)
 
     def decode_rate(n):
-        return _torch_decode_rate(model, torch.as_tensor(_prompt(n, vocab)), decode_tokens)
+        return _median_rate(lambda: _torch_decode_rate(model, torch.as_tensor(_prompt(n, vocab)), decode_tokens),
+                            repeat)
 
     return _records_per_length(impl, base, list(tokens), prefill_ms, decode_rate)
 
