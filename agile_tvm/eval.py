@@ -12,14 +12,19 @@ import math
 import time
 
 
-def perplexity(forward_fn, windows, progress: bool = True, desc: str = "perplexity") -> dict:
-    """Perplexity of `forward_fn` over `windows` [W, L] (next-token NLL over the L-1 targets of each window)."""
+def perplexity(forward_fn, windows, progress: bool = True, desc: str = "perplexity", reference_fn=None) -> dict:
+    """Perplexity of `forward_fn` over `windows` [W, L] (next-token NLL over the L-1 targets of each window).
+
+    A pruned `forward_fn` returns (logits, kept): then the paper's protocol (labels of pruned positions dropped) is
+    reported too. It scores a subset the pruning chose, which favours easy tokens; `reference_fn` (the unpruned
+    model) scored on exactly that subset is the fair comparison (`ppl_reference_on_kept`)."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     nll_all, n_all = 0.0, 0
     nll_kept, n_kept, any_mask = 0.0, 0, False
+    nll_ref = 0.0
     kept_total, slots_total = 0, 0
     start = time.perf_counter()
     with torch.inference_mode():
@@ -34,6 +39,11 @@ def perplexity(forward_fn, windows, progress: bool = True, desc: str = "perplexi
                 mask = kept[0, :-1].bool()
                 nll_kept += losses[mask].sum().item()
                 n_kept += int(mask.sum())
+                if reference_fn is not None:
+                    ref = reference_fn(ids.unsqueeze(0))
+                    ref = ref[0] if isinstance(ref, tuple) else ref
+                    ref_losses = F.cross_entropy(ref[0, :-1].float(), ids[1:], reduction="none").double()
+                    nll_ref += ref_losses[mask].sum().item()
                 kept_total += int(kept.sum())
                 slots_total += kept.numel()
     result = {
@@ -47,6 +57,8 @@ def perplexity(forward_fn, windows, progress: bool = True, desc: str = "perplexi
         result["ppl_pruned_labels_dropped"] = math.exp(nll_kept / max(n_kept, 1))
         result["tokens_scored_pruned_protocol"] = n_kept
         result["kept_fraction_last_layer"] = kept_total / max(slots_total, 1)
+        if reference_fn is not None:
+            result["ppl_reference_on_kept"] = math.exp(nll_ref / max(n_kept, 1))
     return result
 
 

@@ -5,8 +5,9 @@
     scripts/bench_e2e.py --ckpts ckpt/fp ckpt/agileq8 ckpt/agileq4 --work build/e2e
     scripts/bench_e2e.py --modules build/e2e/fp build/e2e/agileq8 --tokens 128,512 --peers torch,torch-int8
 
-2 threads for every engine (TVM_NUM_THREADS, torch.set_num_threads, llama.cpp n_threads). The machine is
-shared: run it when it is quiet and compare ratios from one run, not absolute numbers across runs.
+2 threads for every engine (TVM_NUM_THREADS, torch.set_num_threads, llama-bench -t 2). Engines are interleaved:
+each round times every engine once, medians over rounds (this machine drifts +-30% over minutes). llama.cpp is
+timed when `scripts/setup-llamacpp` has built it. Run it when the machine is quiet; compare ratios from one run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def main() -> int:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--peers", default="torch,torch-int8,llama.cpp")
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=5,
+                   help="interleaved rounds (every engine timed once per round); medians are reported")
     p.add_argument("-o", "--output", default="results/e2e.json")
     args = p.parse_args()
     try:
@@ -49,7 +51,7 @@ def main() -> int:
         if not modules:
             raise UserError("nothing to time: give --ckpts or --modules")
         peers = [x for x in args.peers.split(",") if x.strip()]
-        run_bench(modules, tokens, args.decode_tokens, peers, args.model, args.repeat, args.output)
+        run_bench(modules, tokens, args.decode_tokens, peers, args.model, args.rounds, args.output)
     except UserError as err:
         print(f"bench_e2e: error: {err}", file=sys.stderr)
         return 2

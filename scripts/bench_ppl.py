@@ -4,7 +4,9 @@
 One record per (model, corpus, config, prune_beta, seq_len, windows, protocol):
 {"model", "corpus", "config", "seq_len", "windows", "tokens", "protocol", "ppl", "prune_beta", "token_sparsity"}
 plus "calibration" and "seconds". Protocols: `all-tokens` (every token scored; a pruned token keeps its last hidden
-state) and, for pruned runs, `pruned-labels-dropped` (the paper's code: labels of pruned positions dropped).
+state) and, for pruned runs, `pruned-labels-dropped` (the paper's code: labels of pruned positions dropped) and
+`unpruned-on-kept-labels` (the same config unpruned, scored on exactly the labels the pruned run kept: the pruning
+keeps easy tokens, so `pruned-labels-dropped` is only meaningful next to this).
 
 Resumable at window granularity: each finished window's NLL goes to a sidecar (`<out>.partial.json`), and finished
 records are skipped, so an interrupted multi-hour run continues where it stopped. Quantized models are saved as
@@ -181,7 +183,7 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
     model_name = Path(args.model).name
     base = {"model": model_name, "corpus": corpus_name, "config": name, "seq_len": args.seq_len,
             "windows": len(windows), "prune_beta": beta, "scheme": scheme_summary(name)}
-    protocols = ["all-tokens"] + (["pruned-labels-dropped"] if beta > 0 else [])
+    protocols = ["all-tokens"] + (["pruned-labels-dropped", "unpruned-on-kept-labels"] if beta > 0 else [])
     done = {record_key(r) for r in records}
     if all(record_key({**base, "protocol": p}) in done for p in protocols):
         print(f"skip {spec} on {corpus_name}: already in {args.out}", flush=True)
@@ -204,14 +206,19 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
         from agile_tvm.eval import hf_forward_fn
 
         forward = hf_forward_fn(qm.model.hf)
-    t0 = time.time()
+    reference = None
+    if beta > 0:  # the unpruned config, scored on the labels the pruned run kept (same backend)
+        reference = (compiled_forward(args, name, qm, 0.0)[0] if use_tvm
+                     else forward_fn_for(get_model(args, name, 0.0, loaded_cache).model))
+        per_window[:] = [e for e in per_window if "nll_ref" in e]  # windows from before this protocol: redo
     for w in range(len(per_window), len(windows)):
-        r = perplexity(forward, windows[w:w + 1], progress=False)
+        r = perplexity(forward, windows[w:w + 1], progress=False, reference_fn=reference)
         entry = {"nll": math.log(r["ppl"]) * r["tokens"], "n": r["tokens"],
                  "sparsity": getattr(sparsity_of, "last_token_sparsity", 0.0), "seconds": r["seconds"]}
         if "ppl_pruned_labels_dropped" in r:
             n_kept = r["tokens_scored_pruned_protocol"]
             entry["nll_kept"], entry["n_kept"] = math.log(r["ppl_pruned_labels_dropped"]) * n_kept, n_kept
+            entry["nll_ref"] = math.log(r["ppl_reference_on_kept"]) * n_kept
         per_window.append(entry)
         write_json(Path(args.out).with_suffix(".partial.json"), partial)
         print(f"{spec} {corpus_name} window {w + 1}/{len(windows)}: ppl {r['ppl']:.3f} "
@@ -230,6 +237,8 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
         n_kept = sum(e["n_kept"] for e in per_window)
         new.append({**common, "protocol": "pruned-labels-dropped", "tokens": n_kept,
                     "ppl": math.exp(sum(e["nll_kept"] for e in per_window) / n_kept)})
+        new.append({**common, "protocol": "unpruned-on-kept-labels", "tokens": n_kept,
+                    "ppl": math.exp(sum(e["nll_ref"] for e in per_window) / n_kept)})
     records[:] = [r for r in records if record_key(r) not in {record_key(n) for n in new}] + new
     write_json(Path(args.out), records)  # the sidecar keeps its windows: a longer run later starts after them
     for r in new:

@@ -1,16 +1,73 @@
-"""The end-to-end benchmark writes the record schema the issue fixes, one record per prompt length."""
+"""The end-to-end benchmark: the record schema the issue fixes, interleaved rounds, and the llama.cpp peer's
+llama-bench output parsed (with a stand-in binary: the real one is built by scripts/setup-llamacpp)."""
 
+import json
+import os
+import stat
+
+import pytest
+
+from agile_tvm.errors import UserError
 from agile_tvm.models import tiny_model
-from agile_tvm.runtime import bench
+from agile_tvm.runtime import bench, llama_cpp
 
 FIELDS = {"target", "model", "impl", "config", "tokens", "prefill_ms", "decode_tok_s", "size_mb"}
 
 
 def test_torch_peer_records_have_the_schema_and_decode_on_the_shortest_prompt():
     model = tiny_model("llama").model
-    records = bench._torch_records("torch", model, [16, 8], 3, 1, 1.5, "tiny-llama")
+    engine = bench.torch_engine("torch", model, [16, 8], 3, 1.5, "tiny-llama")
+    records = bench.run_rounds([engine], rounds=3)
     assert [r["tokens"] for r in records] == [16, 8]
     for r in records:
         assert FIELDS <= set(r) and r["impl"] == "torch" and r["config"] == "fp32" and r["prefill_ms"] > 0
+        assert len(r["prefill_ms_rounds"]) == 3
     by_len = {r["tokens"]: r for r in records}
     assert by_len[8]["decode_tok_s"] > 0 and by_len[16]["decode_tok_s"] is None
+
+
+def test_rounds_interleave_engines_and_report_medians():
+    calls = []
+
+    def engine(name, ms):
+        it = iter(ms)
+        return bench.Engine(name, {"impl": name}, lambda n: (calls.append((name, n)), next(it))[1],
+                            lambda: (calls.append((name, "decode")), 10.0)[1], [4])
+
+    records = bench.run_rounds([engine("a", [5.0, 1.0, 9.0]), engine("b", [2.0, 3.0, 4.0])], rounds=3,
+                               warmup=False)
+    assert calls[:4] == [("a", 4), ("a", "decode"), ("b", 4), ("b", "decode")]  # one of each per round
+    assert [r["prefill_ms"] for r in records] == [5.0, 3.0]
+    assert records[0]["prefill_ms_rounds"] == [5.0, 1.0, 9.0]
+
+
+@pytest.fixture
+def fake_llama_bench(tmp_path, monkeypatch):
+    """A llama-bench stand-in that prints one JSON result the way the real one does (`-o json`)."""
+    monkeypatch.setenv("AGILE_TVM_CACHE", str(tmp_path))
+    bin_dir = tmp_path / "llama.cpp" / "bin"
+    bin_dir.mkdir(parents=True)
+    script = bin_dir / "llama-bench"
+    script.write_text("#!/usr/bin/env python3\nimport json, sys\na = sys.argv\n"
+                      "p, n = int(a[a.index('-p') + 1]), int(a[a.index('-n') + 1])\n"
+                      "ns = 250e6 if p else 500e6\n"
+                      "print(json.dumps([{'n_prompt': p, 'n_gen': n, 'avg_ns': ns, 'avg_ts': (p or n) / ns * 1e9}]))\n")
+    (bin_dir / "llama-quantize").write_text("#!/bin/sh\nexit 1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(f.stat().st_mode | stat.S_IXUSR)
+    return llama_cpp.find_binaries()
+
+
+def test_llama_bench_output_is_parsed(fake_llama_bench, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"x")
+    assert llama_cpp.prefill_ms(fake_llama_bench, gguf, 512, 2) == pytest.approx(250.0)
+    assert llama_cpp.decode_tok_s(fake_llama_bench, gguf, 32, 128, 2) == pytest.approx(64.0)
+
+
+def test_llama_cpp_failures_name_the_tool(fake_llama_bench, tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="llama-quantize could not make Q8_0"):
+        llama_cpp.gguf_for("Q8_0", fake_llama_bench)
+    assert not list((tmp_path / "llama.cpp").glob("*.tmp*"))  # nothing half-written left behind
+    monkeypatch.setenv("AGILE_TVM_CACHE", str(tmp_path / "empty"))
+    assert llama_cpp.find_binaries() is None and bench.llama_cpp_engines([8], 4) == []

@@ -92,6 +92,15 @@ def test_perplexity_of_a_known_distribution():
     assert math.isclose(res["ppl_pruned_labels_dropped"], vocab, rel_tol=1e-6)  # float32 cross entropy
     assert res["tokens_scored_pruned_protocol"] == 3 * 8
 
+    def confident_on_odd_labels(ids):  # a reference that is right exactly where the pruned run kept the label
+        logits = torch.zeros(1, ids.shape[1], vocab)
+        logits[0, 1::2].scatter_(1, ids[0, 2::2].unsqueeze(1)[: logits[0, 1::2].shape[0]], 30.0)
+        return logits
+
+    fair = perplexity(pruned, windows, progress=False, reference_fn=confident_on_odd_labels)
+    assert math.isclose(fair["ppl_reference_on_kept"], 1.0, rel_tol=1e-6)  # scored only on the kept labels
+    assert "ppl_reference_on_kept" not in res
+
 
 def test_rdata_reads_austen_and_handbook_is_prose():
     austen = corpus.load_text("austen")

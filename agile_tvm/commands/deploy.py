@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--peers", default="torch,torch-int8,llama.cpp", help="peer engines to time in the same run")
     p.add_argument("--model", default="smollm2-135m", help="model spec for the peers (agile_tvm.models.load_model)")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=5,
+                   help="interleaved rounds (every engine timed once per round); medians are reported")
     p.add_argument("-o", "--output", default="results/e2e.json")
     p.set_defaults(func=_bench)
 
@@ -111,5 +112,5 @@ def _bench(args) -> int:
 
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     peers = [p for p in args.peers.split(",") if p.strip()]
-    run_bench(args.modules, tokens, args.decode_tokens, peers, args.model, args.repeat, args.output)
+    run_bench(args.modules, tokens, args.decode_tokens, peers, args.model, args.rounds, args.output)
     return 0

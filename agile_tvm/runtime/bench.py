@@ -1,42 +1,52 @@
 """End-to-end latency, Table-4 style: exported TVM modules and the peers (eager torch FP32, torch dynamic int8,
-llama.cpp) timed in the same run, 2 threads, so ratios are meaningful on a shared, drifting machine.
+llama.cpp's llama-bench on the shipped GGUF and its re-quantizations) timed in the same run, 2 threads.
 
-Record per (engine, prompt length): {"target", "model", "impl", "config", "tokens", "prefill_ms", "decode_tok_s",
-"size_mb"}. Prefill = a fresh KV cache and a prompt of `tokens` tokens up to the last token's logits (what
-generation needs); decode = tokens/s of greedy steps after a 128-token prompt (listed with the 128 record).
-Medians of `repeat` runs.
+Interleaved rounds: every round times each engine once at each prompt length, then its decode rate, so this
+machine's drift over minutes (+-30% seen between engines timed one after the other) hits all engines alike; the
+record holds the median over rounds (and the per-round values). Record per (engine, prompt length):
+{"target", "model", "impl", "config", "tokens", "prefill_ms", "decode_tok_s", "size_mb"} + "prefill_ms_rounds".
+Prefill = a fresh KV cache and a prompt of `tokens` tokens up to the last token's logits (what generation needs);
+decode = tokens/s of greedy steps after a 128-token prompt (listed with the shortest prompt's record; llama.cpp:
+`llama-bench -n N -d 128`, the same depth).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from agile_tvm.errors import UserError
 
 THREADS = 2
-
-
-def _median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up (first call allocates workspaces)
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+LLAMA_CPP_QUANTS = ("F32", "Q8_0", "Q4_1")
 
 
 def _prompt(tokens: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, vocab, (1, tokens)).astype(np.int64)
 
 
-def bench_tvm_module(out_dir, tokens: list[int], decode_tokens: int, repeat: int) -> list[dict]:
+@dataclass
+class Engine:
+    """One thing to time: `prefill(n)` -> ms for an n-token prompt, `decode()` -> tok/s after DECODE_DEPTH tokens."""
+    label: str
+    base: dict                         # the record fields besides tokens / prefill_ms / decode_tok_s
+    prefill: Callable[[int], float]
+    decode: Callable[[], float]
+    tokens: list[int] = field(default_factory=list)  # the prompt lengths it can take
+
+
+DECODE_DEPTH = 128
+
+
+def tvm_engine(out_dir, tokens: list[int], decode_tokens: int) -> Engine:
     from agile_tvm.runtime import load_module
 
     lm = load_module(out_dir)
@@ -47,40 +57,21 @@ def bench_tvm_module(out_dir, tokens: list[int], decode_tokens: int, repeat: int
         config += f"@{man['pruning']['beta']}"
     base = {"target": man["target"], "model": man.get("source_model") or man["arch"], "impl": "tvm",
             "config": config, "size_mb": round(size_mb, 2), "module": str(out_dir)}
-    fits = []
-    for n in tokens:
-        if n + (decode_tokens if n == min(tokens) else 0) > lm.max_seq_len:
-            print(f"  tvm {config}: skip {n} tokens (compiled maximum {lm.max_seq_len})")
-        else:
-            fits.append(n)
+    fits = [n for n in tokens if n <= lm.max_seq_len]
+    for n in sorted(set(tokens) - set(fits)):
+        print(f"  tvm {config}: skip {n} tokens (compiled maximum {lm.max_seq_len})")
+    if DECODE_DEPTH + decode_tokens + 1 > lm.max_seq_len:
+        raise UserError(f"{out_dir}: compiled for {lm.max_seq_len} tokens, decode timing needs "
+                        f"{DECODE_DEPTH + decode_tokens + 1}: re-export with a larger --max-seq-len")
 
-    def prefill_ms(n):
+    def prefill(n):
         ids = _prompt(n, lm.vocab_size)
-        return _median_ms(lambda: lm.step(ids, 0, lm.new_cache()), repeat)
+        t0 = time.perf_counter()
+        lm.step(ids, 0, lm.new_cache())
+        return (time.perf_counter() - t0) * 1e3
 
-    def decode_rate(n):
-        return _median_rate(lambda: _tvm_decode_rate(lm, _prompt(n, lm.vocab_size), decode_tokens), repeat)
-
-    return _records_per_length(f"tvm {config}", base, fits, prefill_ms, decode_rate)
-
-
-def _median_rate(measure, repeat: int) -> float:
-    """Median of `repeat` decode runs: one run of a few dozen steps varies by +-15% here (measured), like prefill."""
-    return float(np.median([measure() for _ in range(max(1, repeat))]))
-
-
-def _records_per_length(label: str, base: dict, tokens: list[int], prefill_ms, decode_rate) -> list[dict]:
-    """One record per prompt length; the shortest length also carries the decode rate after that prompt."""
-    records = []
-    for n in tokens:
-        ms = prefill_ms(n)
-        rec = {**base, "tokens": n, "prefill_ms": round(ms, 2), "decode_tok_s": None}
-        if n == min(tokens):
-            rec["decode_tok_s"] = round(decode_rate(n), 2)
-        records.append(rec)
-        print(f"  {label} prefill {n}: {ms:.1f} ms" + (f", decode {rec['decode_tok_s']} tok/s"
-                                                       if rec["decode_tok_s"] else ""))
-    return records
+    return Engine(f"tvm {config}", base, prefill,
+                  lambda: _tvm_decode_rate(lm, _prompt(DECODE_DEPTH, lm.vocab_size), decode_tokens), fits)
 
 
 def _tvm_decode_rate(lm, ids, steps: int) -> float:
@@ -96,23 +87,23 @@ def _tvm_decode_rate(lm, ids, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def _torch_records(impl: str, model, tokens, decode_tokens, repeat, size_mb, model_name) -> list[dict]:
+def torch_engine(impl: str, model, tokens, decode_tokens, size_mb, model_name) -> Engine:
     import torch
 
     vocab = model.config.vocab_size
     base = {"target": "host", "model": model_name, "impl": impl, "config": "fp32" if impl == "torch" else "int8",
             "size_mb": round(size_mb, 2)}
 
-    def prefill_ms(n):
+    def prefill(n):
         ids = torch.as_tensor(_prompt(n, vocab))
         with torch.no_grad():
-            return _median_ms(lambda: model(ids, logits_to_keep=1, use_cache=True), repeat)
+            t0 = time.perf_counter()
+            model(ids, logits_to_keep=1, use_cache=True)
+            return (time.perf_counter() - t0) * 1e3
 
-    def decode_rate(n):
-        return _median_rate(lambda: _torch_decode_rate(model, torch.as_tensor(_prompt(n, vocab)), decode_tokens),
-                            repeat)
-
-    return _records_per_length(impl, base, list(tokens), prefill_ms, decode_rate)
+    return Engine(impl, base, prefill,
+                  lambda: _torch_decode_rate(model, torch.as_tensor(_prompt(DECODE_DEPTH, vocab)), decode_tokens),
+                  list(tokens))
 
 
 def _torch_decode_rate(model, ids, steps: int) -> float:
@@ -124,6 +115,7 @@ def _torch_decode_rate(model, ids, steps: int) -> float:
         tok = out.logits[:, -1:].argmax(-1)
         out = model(tok, past_key_values=past, use_cache=True)  # warm-up
         past = out.past_key_values
+        tok = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(steps):
             out = model(tok, past_key_values=past, use_cache=True)
@@ -142,7 +134,7 @@ def _state_mb(model) -> float:
     return buf.tell() / 1e6
 
 
-def bench_torch(model_spec: str, tokens, decode_tokens, repeat, which: list[str]) -> list[dict]:
+def torch_engines(model_spec: str, tokens, decode_tokens, which: list[str]) -> list[Engine]:
     import torch
 
     from agile_tvm.models import load_model
@@ -150,72 +142,80 @@ def bench_torch(model_spec: str, tokens, decode_tokens, repeat, which: list[str]
     torch.set_num_threads(THREADS)
     loaded = load_model(model_spec)
     model = loaded.model.eval()
-    records = []
+    engines = []
     if "torch" in which:
-        records += _torch_records("torch", model, tokens, decode_tokens, repeat, _state_mb(model), loaded.name)
+        engines.append(torch_engine("torch", model, tokens, decode_tokens, _state_mb(model), loaded.name))
     if "torch-int8" in which:
-        qmodel = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-        records += _torch_records("torch-int8", qmodel, tokens, decode_tokens, repeat, _state_mb(qmodel), loaded.name)
-    return records
+        qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        engines.append(torch_engine("torch-int8", qmodel, tokens, decode_tokens, _state_mb(qmodel), loaded.name))
+    return engines
 
 
-def bench_llama_cpp(tokens, decode_tokens, repeat) -> list[dict]:
-    """llama.cpp through llama-cpp-python on the shipped SmolLM2 Q4_1 GGUF; [] (with a note) if not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("  llama.cpp: llama-cpp-python is not installed; skipped")
+def llama_cpp_engines(tokens, decode_tokens, quants=LLAMA_CPP_QUANTS) -> list[Engine]:
+    """llama.cpp's own benchmark tool on the shipped SmolLM2 Q4_1 GGUF and its re-quantizations (F32 and Q8_0 from
+    the Q4_1 weights: the same compute as a real F32/Q8_0 model); [] with a note when llama.cpp is not built
+    (`scripts/setup-llamacpp`)."""
+    from agile_tvm.runtime import llama_cpp
+
+    binaries = llama_cpp.find_binaries()
+    if binaries is None:
+        print("  llama.cpp: not built (run scripts/setup-llamacpp); skipped")
         return []
-    from agile_tvm.models import smollm2_gguf_path
+    engines = []
+    for quant in quants:
+        gguf = llama_cpp.gguf_for(quant, binaries)
+        base = {"target": "host", "model": "smollm2-135m", "impl": "llama.cpp", "config": quant,
+                "size_mb": round(gguf.stat().st_size / 1e6, 2)}
+        engines.append(Engine(f"llama.cpp {quant}", base,
+                              lambda n, g=gguf: llama_cpp.prefill_ms(binaries, g, n, THREADS),
+                              lambda g=gguf: llama_cpp.decode_tok_s(binaries, g, decode_tokens, DECODE_DEPTH, THREADS),
+                              list(tokens)))
+    return engines
 
-    path = smollm2_gguf_path()
-    llm = Llama(model_path=str(path), n_ctx=max(tokens) + decode_tokens + 8, n_threads=THREADS,
-                n_threads_batch=THREADS, n_batch=512, logits_all=False, verbose=False)
-    size_mb = Path(path).stat().st_size / 1e6
+
+def run_rounds(engines: list[Engine], rounds: int, warmup: bool = True) -> list[dict]:
+    """Time every engine once per round (each prompt length, then decode); records of the medians over rounds."""
+    if warmup:
+        for e in engines:  # first calls allocate workspaces / page weights in
+            for n in e.tokens[:1]:
+                e.prefill(n)
+    raw = {id(e): {"prefill": {n: [] for n in e.tokens}, "decode": []} for e in engines}
+    for r in range(rounds):
+        for e in engines:
+            for n in e.tokens:
+                raw[id(e)]["prefill"][n].append(e.prefill(n))
+                time.sleep(0.2)  # let the previous engine's worker threads (TVM, OpenMP) go idle
+            raw[id(e)]["decode"].append(e.decode())
+            time.sleep(0.2)
+        print(f"round {r + 1}/{rounds}: " + "; ".join(
+            f"{e.label} " + " ".join(f"{raw[id(e)]['prefill'][n][-1]:.0f}" for n in e.tokens) + " ms, "
+            f"{raw[id(e)]['decode'][-1]:.1f} tok/s" for e in engines), flush=True)
     records = []
-    for n in tokens:
-        ids = _prompt(n, llm.n_vocab()).reshape(-1).tolist()
-
-        def prefill():
-            llm.reset()
-            llm.eval(ids)
-
-        ms = _median_ms(prefill, repeat)
-        rec = {"target": "host", "model": "smollm2-135m", "impl": "llama.cpp", "config": "Q4_1", "tokens": n,
-               "prefill_ms": round(ms, 2), "decode_tok_s": None, "size_mb": round(size_mb, 2)}
-        if n == min(tokens):
-            llm.reset()
-            llm.eval(ids)
-            t0 = time.perf_counter()
-            for _ in range(decode_tokens):
-                llm.eval([1])
-            rec["decode_tok_s"] = round(decode_tokens / (time.perf_counter() - t0), 2)
-        records.append(rec)
-        print(f"  llama.cpp prefill {n}: {ms:.1f} ms" + (f", decode {rec['decode_tok_s']} tok/s"
-                                                         if rec["decode_tok_s"] else ""))
+    for e in engines:
+        for n in e.tokens:
+            times = raw[id(e)]["prefill"][n]
+            rec = {**e.base, "tokens": n, "prefill_ms": round(statistics.median(times), 2), "decode_tok_s": None,
+                   "prefill_ms_rounds": [round(t, 2) for t in times]}
+            if n == min(e.tokens):
+                rec["decode_tok_s"] = round(statistics.median(raw[id(e)]["decode"]), 2)
+                rec["decode_tok_s_rounds"] = [round(x, 2) for x in raw[id(e)]["decode"]]
+            records.append(rec)
     return records
 
 
-def run_bench(modules, tokens, decode_tokens, peers, model_spec, repeat, output) -> list[dict]:
+def run_bench(modules, tokens, decode_tokens, peers, model_spec, rounds, output) -> list[dict]:
     if os.environ.get("TVM_NUM_THREADS") not in (None, str(THREADS)):
         print(f"note: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} (the table is meant for {THREADS})")
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     unknown = set(peers) - {"torch", "torch-int8", "llama.cpp"}
     if unknown:
         raise UserError(f"unknown peer(s) {', '.join(sorted(unknown))}: choose from torch, torch-int8, llama.cpp")
-    records: list[dict] = []
-    # Peers first: once a TVM module has run, TVM's worker threads keep spinning for a while and would steal the
-    # two cores from torch's / llama.cpp's threads in this process (measured: torch 5-10x slower after TVM).
-    torch_peers = [p for p in peers if p.startswith("torch")]
-    if torch_peers:
-        print("torch peers")
-        records += bench_torch(model_spec, tokens, decode_tokens, repeat, torch_peers)
+    engines = torch_engines(model_spec, tokens, decode_tokens, [p for p in peers if p.startswith("torch")])
     if "llama.cpp" in peers:
-        print("llama.cpp peer")
-        records += bench_llama_cpp(tokens, decode_tokens, repeat)
-    for m in modules:
-        print(f"TVM module {m}")
-        records += bench_tvm_module(m, tokens, decode_tokens, repeat)
+        engines += llama_cpp_engines(tokens, decode_tokens)
+    engines += [tvm_engine(m, tokens, decode_tokens) for m in modules]
+    print(f"{len(engines)} engines, {rounds} interleaved rounds: " + ", ".join(e.label for e in engines), flush=True)
+    records = run_rounds(engines, rounds)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
