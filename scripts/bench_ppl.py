@@ -210,8 +210,8 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
     if beta > 0:  # the unpruned config, scored on the labels the pruned run kept (same backend)
         reference = (compiled_forward(args, name, qm, 0.0)[0] if use_tvm
                      else forward_fn_for(get_model(args, name, 0.0, loaded_cache).model))
-        per_window[:] = [e for e in per_window if "nll_ref" in e]  # windows from before this protocol: redo
-    for w in range(len(per_window), len(windows)):
+    todo = [w for w in range(len(windows)) if w >= len(per_window) or (reference and "nll_ref" not in per_window[w])]
+    for w in todo:  # new windows, and windows measured before the unpruned-on-kept protocol existed (redone)
         r = perplexity(forward, windows[w:w + 1], progress=False, reference_fn=reference)
         entry = {"nll": math.log(r["ppl"]) * r["tokens"], "n": r["tokens"],
                  "sparsity": getattr(sparsity_of, "last_token_sparsity", 0.0), "seconds": r["seconds"]}
@@ -219,7 +219,10 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
             n_kept = r["tokens_scored_pruned_protocol"]
             entry["nll_kept"], entry["n_kept"] = math.log(r["ppl_pruned_labels_dropped"]) * n_kept, n_kept
             entry["nll_ref"] = math.log(r["ppl_reference_on_kept"]) * n_kept
-        per_window.append(entry)
+        if w < len(per_window):
+            per_window[w] = entry
+        else:
+            per_window.append(entry)
         write_json(Path(args.out).with_suffix(".partial.json"), partial)
         print(f"{spec} {corpus_name} window {w + 1}/{len(windows)}: ppl {r['ppl']:.3f} "
               f"({r['seconds']:.0f} s) running ppl {math.exp(sum(e['nll'] for e in per_window) / sum(e['n'] for e in per_window)):.3f}",
