@@ -79,6 +79,28 @@ def test_blocked_attention_equals_plain_loops(heads, kv_heads, head_dim, dtype, 
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+INT16_DOT_CASES = [c for c in CASES if c[3] == "int8"]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,alibi,n,m", INT16_DOT_CASES)
+def test_int16_dot_attention_equals_float_dot_bit_for_bit(heads, kv_heads, head_dim, dtype, alibi, n, m):
+    """INT8 Q.K by pmaddwd on int16 codes (`int16_dot`, what AVX2 models run) gives the exact integer dots the
+    float32 FMAs give (both exact below 2^24), so the same outputs to the last bit; and the plain loops' within
+    tolerance (the chunks of at most ATTN_DIRECT_MAX_QUERIES queries keep the float path)."""
+    from agile_tvm.frontend import tir_ops
+    from agile_tvm.targets import get_target, isa_of
+
+    if isa_of(get_target("host")) not in ("avx2", "avx512"):
+        pytest.skip("pmaddwd needs an AVX2 host")
+    arrays = _inputs(heads, kv_heads, head_dim, dtype, n, m)
+    q = arrays[0]
+    got = _run(tir_ops.attention_blocked(heads, kv_heads, head_dim, dtype, 4, alibi, int16_dot=True), arrays, q.shape)
+    floats = _run(tir_ops.attention_blocked(heads, kv_heads, head_dim, dtype, 4, alibi), arrays, q.shape)
+    np.testing.assert_array_equal(got.view(np.int32), floats.view(np.int32))
+    want = _run(tir_ops.attention(heads, kv_heads, head_dim, dtype, 4, alibi), arrays, q.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,alibi,m", DECODE_CASES)
 def test_decode_attention_equals_plain_loops(heads, kv_heads, head_dim, dtype, alibi, m, parallel):

@@ -159,6 +159,19 @@ class GraphBuilder(LinearEmitter):
         gv = self.tir(f"rms_norm_{width}_{eps_key}", tir_ops.rms_norm(width, float(eps)))
         return self.emit(relax.call_tir(gv, [x, self.w(weight)], relax.TensorType(x.ty.shape, "float32")))
 
+    def add_rms_norm(self, x, y, weight: str, eps: float):
+        """(x + y, rms_norm(x + y)): a residual add and the norm after it in one kernel (`tir_ops.add_rms_norm`, bit
+        for bit R.add then `rms_norm`), or the two ops for a width the kernel does not vectorize."""
+        width = int(x.ty.shape[-1])
+        if width % tir_ops.RMS_NORM_LANES:
+            total = self.emit(R.add(x, y))
+            return total, self.rms_norm(total, weight, eps)
+        eps_key = repr(float(eps)).replace(".", "p").replace("-", "m")
+        gv = self.tir(f"add_rms_norm_{width}_{eps_key}", tir_ops.add_rms_norm(width, float(eps)))
+        ty = relax.TensorType(x.ty.shape, "float32")
+        both = self.emit(relax.call_tir(gv, [x, y, self.w(weight)], [ty, ty]))
+        return self.emit(relax.TupleGetItem(both, 0)), self.emit(relax.TupleGetItem(both, 1))
+
     def layer_norm(self, x, prefix: str, eps: float):
         return self.emit(R.nn.layer_norm(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"), axes=[-1],
                                          epsilon=eps))
@@ -187,6 +200,24 @@ class GraphBuilder(LinearEmitter):
             return self.emit(relax.call_tir(gv, [ids_flat, self.w(packed_name)],
                                             relax.TensorType([self.n, hidden], "float32")))
         return self.emit(R.take(self.w(weight), ids_flat, axis=0))
+
+    def rope_at(self, x, cos_table: str, sin_table: str, pos, heads: int, head_dim: int):
+        """HF LLaMA RoPE of x [n, heads * head_dim] at positions pos [n] (int32), reading the stored cos/sin tables
+        [max_len, head_dim] (`tir_ops.rope`: bit for bit `rope` below, ~10x faster). Returns [n, heads, head_dim]."""
+        max_len = int(self.weights.arrays[cos_table].shape[0])
+        gv = self.tir(f"rope_{heads}_{head_dim}_{max_len}", tir_ops.rope(heads, head_dim, max_len))
+        return self.emit(relax.call_tir(gv, [x, self.w(cos_table), self.w(sin_table), pos],
+                                        relax.TensorType([self.n, heads, head_dim], "float32")))
+
+    def row_positions(self, pos):
+        """The original positions of the rows still processed: `pos` itself, or the kept ones under pruning."""
+        return self._prune.pos if self._prune is not None else pos
+
+    @property
+    def fuses_next_norm(self) -> bool:
+        """Whether a layer's last residual add may also norm for the next layer (`add_rms_norm`): not while pruning,
+        where the next layer may first gather or scatter rows."""
+        return self._prune is None
 
     def rope(self, x, cos, sin, heads: int, head_dim: int):
         """HF LLaMA RoPE (rotate_half layout): x * cos + rotate_half(x) * sin, x [n, H, D], cos/sin [n, 1, D]."""
@@ -251,10 +282,13 @@ class GraphBuilder(LinearEmitter):
                           f"{'_alibi' if alibi else ''}",
                           tir_ops.attention_decode(heads, kv_heads, head_dim, kv_dtype, bits, alibi))
         else:
+            int16_dot = self._has_pmaddwd()
             gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}"
-                          f"{'_p0' if first_probs else ''}{'_kpos' if key_positions else ''}",
+                          f"{'_p0' if first_probs else ''}{'_kpos' if key_positions else ''}"
+                          f"{'_i16' if int16_dot else ''}",
                           tir_ops.attention_blocked(heads, kv_heads, head_dim, kv_dtype, bits, alibi,
-                                                    first_probs=first_probs, key_positions=key_positions))
+                                                    first_probs=first_probs, key_positions=key_positions,
+                                                    int16_dot=int16_dot))
         args = [q, k, v, sc, sl] + ([prune.pos] if key_positions else [])
         out_ty = relax.TensorType([n, heads, head_dim], "float32")
         if first_probs:
@@ -265,6 +299,12 @@ class GraphBuilder(LinearEmitter):
         else:
             out = self.emit(relax.call_tir(gv, args, out_ty))
         return self.emit(R.reshape(out, [n, heads * head_dim])), new_cache
+
+    def _has_pmaddwd(self) -> bool:
+        """Whether the target has AVX2's pmaddwd, which the blocked attention's INT8 Q.K uses (`int16_dot`)."""
+        from agile_tvm.targets import isa_of
+
+        return isa_of(self.target) in ("avx2", "avx512")
 
     def _uses_decode_attention(self, head_dim: int, first_probs: bool, key_positions: bool) -> bool:
         """Whether this attention runs `tir_ops.attention_decode`: one static query (the decode function), a head

@@ -42,21 +42,38 @@ class Llama:
         return "int8" if ckpt.attention else "float32"
 
     def emit(self, g: GraphBuilder, ids, pos, caches, last_only: bool):
+        """The decoder. Kernels where they apply: RoPE reads the tables at each row's position (`g.rope_at`, no
+        per-row cos/sin copies to gather when pruning), and each residual add also norms its sum for what comes next
+        (`g.add_rms_norm`: the post-attention norm; without pruning also the next layer's input norm, or the final
+        norm)."""
         H, KVH, D = self.heads, self.num_kv_heads, self.head_dim
         cos_t, sin_t = rope_tables(D, self.theta, g.max_seq_len)
-        cos = g.emit(R.reshape(R.take(g.w("rope.cos", cos_t), pos, axis=0), [g.n, 1, D]))
-        sin = g.emit(R.reshape(R.take(g.w("rope.sin", sin_t), pos, axis=0), [g.n, 1, D]))
+        rope_kernel = D % (2 * tir_ops.ROPE_LANES) == 0
+        if rope_kernel:
+            g.w("rope.cos", cos_t)
+            g.w("rope.sin", sin_t)
+            tables = ()
+        else:
+            tables = (g.emit(R.reshape(R.take(g.w("rope.cos", cos_t), pos, axis=0), [g.n, 1, D])),
+                      g.emit(R.reshape(R.take(g.w("rope.sin", sin_t), pos, axis=0), [g.n, 1, D])))
         head, tied = g.head_weight("model.embed_tokens.weight")
         x = g.embed(ids, "model.embed_tokens.weight", tied_head=tied)
         new_caches = []
+        h = None  # the input norm of the next layer, when the previous residual add computed it
         for i in range(self.num_layers):
             p = f"model.layers.{i}"
-            x, cos, sin = g.begin_layer(i, x, cos, sin)
+            x, *tables = g.begin_layer(i, x, *tables)
             n = g.n
-            h = g.rms_norm(x, f"{p}.input_layernorm.weight", self.eps)
+            if h is None:
+                h = g.rms_norm(x, f"{p}.input_layernorm.weight", self.eps)
             q, k, v = g.linears(h, [f"{p}.self_attn.{t}_proj" for t in "qkv"], self.hidden, [H * D, KVH * D, KVH * D])
-            q = g.rope(g.emit(R.reshape(q, [n, H, D])), cos, sin, H, D)
-            k = g.rope(g.emit(R.reshape(k, [n, KVH, D])), cos, sin, KVH, D)
+            if rope_kernel:
+                rows = g.row_positions(pos)
+                q = g.rope_at(q, "rope.cos", "rope.sin", rows, H, D)
+                k = g.rope_at(k, "rope.cos", "rope.sin", rows, KVH, D)
+            else:
+                q = g.rope(g.emit(R.reshape(q, [n, H, D])), *tables, H, D)
+                k = g.rope(g.emit(R.reshape(k, [n, KVH, D])), *tables, KVH, D)
             v = g.emit(R.reshape(v, [n, KVH, D]))
             g.tap(f"{p}:q", q)
             g.tap(f"{p}:k", k)
@@ -64,8 +81,7 @@ class Llama:
             attn, cache = g.attention(q, k, v, f"{p}.self_attn", H, KVH, D, caches[i] if caches else None)
             new_caches.append(cache)
             o = g.linear(attn, f"{p}.self_attn.o_proj", H * D, self.hidden)
-            x = g.emit(R.add(x, o))
-            h = g.rms_norm(x, f"{p}.post_attention_layernorm.weight", self.eps)
+            x, h = g.add_rms_norm(x, o, f"{p}.post_attention_layernorm.weight", self.eps)
             gate, up = g.linears(h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], self.hidden, [self.inter] * 2)
             if self.inter % 8 == 0:
                 gv = g.tir(f"swiglu_{self.inter}", tir_ops.swiglu(self.inter))
@@ -73,10 +89,15 @@ class Llama:
             else:
                 act = g.emit(R.multiply(R.nn.silu(gate), up))
             down = g.linear(act, f"{p}.mlp.down_proj", self.inter, self.hidden)
-            x = g.emit(R.add(x, down))
             g.tap(f"{p}:mlp_in", h)
+            if g.fuses_next_norm:
+                last = i + 1 == self.num_layers
+                next_norm = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
+                x, h = g.add_rms_norm(x, down, next_norm, self.eps)
+            else:
+                x, h = g.emit(R.add(x, down)), None
             g.tap(f"{p}:attn_out", attn)
             g.tap(f"{p}:out", x)
-        x = g.rms_norm(g.end_layers(x), "model.norm.weight", self.eps)
-        return g.lm_head(x, self.hidden, self.vocab, head, last_only), new_caches
-
+        if h is None:
+            h = g.rms_norm(g.end_layers(x), "model.norm.weight", self.eps)
+        return g.lm_head(h, self.hidden, self.vocab, head, last_only), new_caches

@@ -179,7 +179,7 @@ def _exp_nonpositive(x):
 
 
 #: keys per block of the blocked attention (two 8-lane float vectors) and query rows per register tile
-ATTN_KEY_BLOCK, ATTN_ROW_TILE = 16, 4
+ATTN_KEY_BLOCK, ATTN_ROW_TILE = 16, 6
 #: query positions per task of the blocked attention (each task: one KV head x this many positions x its heads)
 ATTN_QUERY_BLOCK = 8
 #: up to this many queries (decode: 1) the blocked attention reads the K/V codes directly instead of converting
@@ -187,9 +187,20 @@ ATTN_QUERY_BLOCK = 8
 ATTN_DIRECT_MAX_QUERIES = 4
 
 
+#: float32 accumulators of the AttnV register tile (of AVX2's 16 vector registers; the rest hold V and a weight)
+ATTN_AV_ACCUMULATORS = 48
+
+
+def _attention_value_chunk(head_dim: int, group: int) -> int:
+    """Values of head_dim per AttnV register tile: the largest divisor of head_dim with group x chunk floats
+    within ATTN_AV_ACCUMULATORS (SmolLM2: 3 heads x 32)."""
+    limit = max(1, ATTN_AV_ACCUMULATORS // group)
+    return max(c for c in range(1, head_dim + 1) if head_dim % c == 0 and c <= limit)
+
+
 @functools.lru_cache(maxsize=None)
 def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool,
-                      first_probs: bool = False, key_positions: bool = False):
+                      first_probs: bool = False, key_positions: bool = False, int16_dot: bool = False):
     """The causal attention of `attention`, organised for speed at long sequences.
 
     Work: one task per (KV head g, block of ATTN_QUERY_BLOCK query positions), i.e. the block's positions times
@@ -200,15 +211,22 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     0. K and V are converted once per call to float32 copies, K transposed to [KVH, D, m] so a block of keys is a
        contiguous vector; INT8 codes are exact in float32. With at most ATTN_DIRECT_MAX_QUERIES queries (decode)
        the loops below read K and V in place instead: the same values, so the same results bit for bit.
+       `int16_dot` (AVX2 targets, INT8): K goes to int16 pairs [KVH, D/2, m, 2] instead, for step 1's pmaddwd.
     1. Q.K for a register tile of ATTN_ROW_TILE rows x ATTN_KEY_BLOCK keys by FMAs over d. INT8: the products and
        sums are integers below 2^24 (|dot| <= 127^2 * D), so the float32 dot *is* the contract's int32 dot.
+       `int16_dot`: the same dot in int32 by pmaddwd (16 products an instruction, twice an FMA's 8; 10-20% off the
+       kernel at 512-2048 tokens, measured), converted to float32: the same floats, so the same results bit for bit.
        Scores = dot * (q_scale * k_scale / sqrt(D)) (the scale formed first, as the PyTorch reference does),
        + ALiBi; each row keeps a running max over its causal keys.
-    2. Per key block and row: softmax numerators e_j = exp(s_j - max) with a polynomial exp (`_exp_nonpositive`,
-       vectorized), summed per lane; INT8: the log2 code of p_j / pmax = e_j and its weight 2^-c from the float's
-       exponent and mantissa bits (`_log2_weight`); then out_row += w_j * v_j over head_dim lanes, skipped for a
-       block whose keys are all dropped (top code: 22% of the row blocks of SmolLM2 at 2048 tokens, measured).
-    3. out = acc * v_scale * pmax (pmax = 1 / sum) for INT8, acc / sum for float.
+    2. Per query position and key block, for the position's `heads // kv_heads` rows (one causal limit): softmax
+       numerators e_j = exp(s_j - max) with a polynomial exp (`_exp_nonpositive`, vectorized), summed per lane;
+       INT8: the log2 code of p_j / pmax = e_j and its weight 2^-c from the float's exponent and mantissa bits
+       (`_log2_weight`); the weights overwrite the scores, and the block is flagged when any is > 0.
+    3. Per position, AttnV in register tiles of its rows x a chunk of head_dim (`_attention_value_chunk`), keys in
+       ascending order over all its flagged blocks (each V vector loaded once for the rows; a block whose keys are
+       all dropped, the top code, is skipped: adding 0 changes nothing); then out = acc * v_scale * pmax
+       (pmax = 1 / sum) for INT8, acc / sum for float. (The per-row order of every sum is the one the kernel had
+       before the register tiles, so its outputs did not change by a bit.)
     Float32 results differ from the contract's formulas by summation order and the exp polynomial (~1 ulp).
     Scratch per task: its scores [rows, m] (~200 KB at m = 2048 for SmolLM2), so the row softmax stays exact (two
     passes over the scores, no online rescaling).
@@ -219,21 +237,32 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     quant = kv_dtype == "int8"
     assert not quant or head_dim * 127 * 127 < 2**24, "INT8 Q.K no longer exact in float32"
     lanes, kb, rt, block, direct_max = 8, ATTN_KEY_BLOCK, ATTN_ROW_TILE, ATTN_QUERY_BLOCK, ATTN_DIRECT_MAX_QUERIES
-    rows_max = block * group  # (position, head) rows of one task, position-major; a multiple of rt
+    rows_max = (block * group + rt - 1) // rt * rt  # (position, head) rows of one task, position-major, padded
+    dchunk = _attention_value_chunk(head_dim, group)
+    idot = int16_dot and quant and head_dim % 2 == 0
     use_alibi = alibi
     I64 = T.int64
 
     @T.macro
     def body(Q, K, V, SC, SL, KP, O, P0, n, m):
         # float32 copies of K (transposed) and V, zero-padded by one key block; a stub when reading K/V directly
-        KT = T.decl_buffer((kv_heads, head_dim, T.Select(n <= direct_max, T.int64(1), m + kb)), "float32")
+        KT = T.decl_buffer((kv_heads, head_dim, T.int64(1) if idot else T.Select(n <= direct_max, T.int64(1), m + kb)),
+                           "float32")
+        # int16_dot: the K codes as int16 for pmaddwd, [g, d / 2, key, 2] (a d pair's two codes side by side)
+        KI = T.decl_buffer((kv_heads, head_dim // 2 if idot else 1,
+                            T.Select(n <= direct_max, T.int64(1), m + kb) if idot else T.int64(1), 2), "int16")
         VF = T.decl_buffer((kv_heads, T.Select(n <= direct_max, T.int64(1), m + kb), head_dim), "float32")
         if n > direct_max:
             for j in T.parallel(m + kb):
                 for g in T.serial(I64(kv_heads)):
-                    for d in T.serial(I64(head_dim)):
-                        KT[g, d, j] = T.if_then_else(j < m, T.Cast("float32", K[T.min(j, m - 1), g, d]),
-                                                     T.float32(0))
+                    if idot:
+                        for dp, e2 in T.grid(I64(head_dim // 2), I64(2)):
+                            KI[g, dp, j, e2] = T.if_then_else(
+                                j < m, T.Cast("int16", K[T.min(j, m - 1), g, dp * 2 + e2]), T.int16(0))
+                    else:
+                        for d in T.serial(I64(head_dim)):
+                            KT[g, d, j] = T.if_then_else(j < m, T.Cast("float32", K[T.min(j, m - 1), g, d]),
+                                                         T.float32(0))
                     for d in T.vectorized(I64(head_dim)):
                         VF[g, j, d] = T.if_then_else(j < m, T.Cast("float32", V[T.min(j, m - 1), g, d]),
                                                      T.float32(0))
@@ -241,11 +270,16 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
         for t in T.parallel(kv_heads * nqb):
             qf = T.decl_buffer((rows_max, head_dim), "float32")
             sc = T.decl_buffer((rows_max, m + kb), "float32")
-            acc = T.decl_buffer((rows_max, head_dim), "float32")
             tile = T.decl_buffer((rt, kb), "float32", scope="local")
+            tile_i = T.decl_buffer((rt, kb), "int32", scope="local")
+            qi = T.decl_buffer((rows_max, head_dim if idot else 2), "int16")
             rmax = T.decl_buffer((rows_max, lanes), "float32")
             rsum = T.decl_buffer((rows_max, lanes), "float32")
-            w = T.decl_buffer((kb,), "float32")
+            rs = T.decl_buffer((rows_max,), "float32")
+            e = T.decl_buffer((lanes,), "float32", scope="local")
+            anyw = T.decl_buffer((lanes,), "float32", scope="local")
+            flag = T.decl_buffer((block, (m + kb - 1) // kb + 1), "float32")
+            at = T.decl_buffer((group, dchunk), "float32", scope="local")
             red = T.decl_buffer((2,), "float32")
             g = t % kv_heads
             s = t // kv_heads
@@ -266,25 +300,42 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                     else:
                         qf[r, d] = T.if_then_else(
                             r < nrows, Q[T.min(i0 + r // group, n - 1), g * group + r % group, d], T.float32(0))
+                if idot:
+                    for d in T.vectorized(I64(head_dim)):
+                        qi[r, d] = T.Cast("int16", qf[r, d])
                 for l in T.vectorized(I64(lanes)):
                     rmax[r, l] = T.float32(-3.0e38)
                     rsum[r, l] = T.float32(0)
-                for d in T.vectorized(I64(head_dim)):
-                    acc[r, d] = T.float32(0)
             for b in T.serial(nkb):
                 for rr in T.serial((nrows + rt - 1) // rt):
                     for r, l in T.grid(I64(rt), I64(kb)):
                         tile[r, l] = T.float32(0)
-                    for d in T.serial(I64(head_dim)):
-                        if n <= direct_max:  # keys past m are clamped to a real key, masked below
+                    if idot and n > direct_max:  # exact int32 dots, 16 products per pmaddwd: the same floats
+                        for r, l in T.grid(I64(rt), I64(kb)):
+                            tile_i[r, l] = 0
+                        for dp in T.serial(I64(head_dim // 2)):
                             for r in T.unroll(I64(rt)):
-                                for l in T.vectorized(I64(kb)):
-                                    tile[r, l] = tile[r, l] + qf[rr * rt + r, d] * T.Cast(
-                                        "float32", K[T.min(b * kb + l, m - 1), g, d])
-                        else:
-                            for r in T.unroll(I64(rt)):
-                                for l in T.vectorized(I64(kb)):
-                                    tile[r, l] = tile[r, l] + qf[rr * rt + r, d] * KT[g, d, b * kb + l]
+                                for c in T.unroll(I64(kb // lanes)):
+                                    tile_i[r, T.ramp(c * lanes, 1, lanes)] = tile_i.vload(
+                                        [r, c * lanes], "int32x8") + T.call_llvm_pure_intrin(
+                                        "int32x8", "llvm.x86.avx2.pmadd.wd",
+                                        T.reinterpret("int16x16", T.broadcast(
+                                            T.reinterpret("int32", qi.vload([rr * rt + r, dp * 2], "int16x2")), 8)),
+                                        KI.vload([g, dp, b * kb + c * lanes, 0], "int16x16"))
+                        for r in T.unroll(I64(rt)):
+                            for l in T.vectorized(I64(kb)):
+                                tile[r, l] = T.Cast("float32", tile_i[r, l])
+                    else:
+                        for d in T.serial(I64(head_dim)):
+                            if n <= direct_max:  # keys past m are clamped to a real key, masked below
+                                for r in T.unroll(I64(rt)):
+                                    for l in T.vectorized(I64(kb)):
+                                        tile[r, l] = tile[r, l] + qf[rr * rt + r, d] * T.Cast(
+                                            "float32", K[T.min(b * kb + l, m - 1), g, d])
+                            else:
+                                for r in T.unroll(I64(rt)):
+                                    for l in T.vectorized(I64(kb)):
+                                        tile[r, l] = tile[r, l] + qf[rr * rt + r, d] * KT[g, d, b * kb + l]
                     for r in T.unroll(I64(rt)):
                         for l in T.vectorized(I64(kb)):
                             sc[rr * rt + r, b * kb + l] = tile[r, l] * red[0]
@@ -306,46 +357,64 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                 for l in T.serial(I64(lanes)):
                     red[1] = T.max(red[1], rmax[r, l])
                 rmax[r, 0] = red[1]
-            for b in T.serial(nkb):
-                for r in T.serial(nrows):
-                    if b * kb < m - n + i0 + r // group + 1:
+            # 2a. per position p and key block b, for the position's `group` rows (same causal limit): softmax
+            # numerators into rsum, their weights over the scores in sc, and whether any weight of the block is > 0
+            for p in T.serial(nrows // group):
+                for b in T.serial((m - n + i0 + p + kb) // kb):
+                    for l in T.vectorized(I64(lanes)):
+                        anyw[l] = T.float32(0)
+                    for r in T.serial(I64(group)):
                         for c in T.unroll(I64(kb // lanes)):
                             for l in T.vectorized(I64(lanes)):
-                                w[c * lanes + l] = T.Select(
-                                    b * kb + c * lanes + l < m - n + i0 + r // group + 1,
-                                    _exp_nonpositive(sc[r, b * kb + c * lanes + l] - rmax[r, 0]), T.float32(0))
-                                rsum[r, l] = rsum[r, l] + w[c * lanes + l]
+                                e[l] = T.Select(
+                                    b * kb + c * lanes + l < m - n + i0 + p + 1,
+                                    _exp_nonpositive(
+                                        sc[p * group + r, b * kb + c * lanes + l] - rmax[p * group + r, 0]),
+                                    T.float32(0))
+                                rsum[p * group + r, l] = rsum[p * group + r, l] + e[l]
                                 if quant:
-                                    w[c * lanes + l] = _log2_weight(w[c * lanes + l], top)
-                        if first_probs:
-                            if b == 0:  # rmax[r, 1:] is free once the row max sits in rmax[r, 0]
-                                rmax[r, 1] = w[0]
-                        red[1] = T.float32(0)
-                        for jj in T.serial(I64(kb)):
-                            red[1] = T.max(red[1], w[jj])
-                        if red[1] > T.float32(0):  # else all its keys are dropped: adding 0 * v would change nothing
-                            for jj in T.serial(I64(kb)):
-                                if n <= direct_max:  # w is 0 for keys past m, whose V row is clamped to a real one
-                                    for d in T.vectorized(I64(head_dim)):
-                                        acc[r, d] = acc[r, d] + w[jj] * T.Cast(
-                                            "float32", V[T.min(b * kb + jj, m - 1), g, d])
+                                    sc[p * group + r, b * kb + c * lanes + l] = _log2_weight(e[l], top)
                                 else:
-                                    for d in T.vectorized(I64(head_dim)):
-                                        acc[r, d] = acc[r, d] + w[jj] * VF[g, b * kb + jj, d]
+                                    sc[p * group + r, b * kb + c * lanes + l] = e[l]
+                                anyw[l] = T.max(anyw[l], sc[p * group + r, b * kb + c * lanes + l])
+                    for l in T.vectorized(I64(4)):
+                        anyw[l] = T.max(anyw[l], anyw[l + 4])
+                    flag[p, b] = T.max(T.max(anyw[0], anyw[1]), T.max(anyw[2], anyw[3]))
             for r in T.serial(nrows):
-                red[1] = T.float32(0)
+                rs[r] = T.float32(0)
                 for l in T.serial(I64(lanes)):
-                    red[1] = red[1] + rsum[r, l]
-                for d in T.vectorized(I64(head_dim)):
-                    if quant:
-                        O[i0 + r // group, g * group + r % group, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
-                    else:
-                        O[i0 + r // group, g * group + r % group, d] = acc[r, d] / red[1]
+                    rs[r] = rs[r] + rsum[r, l]
                 if first_probs:
-                    if quant:  # p^ = pmax * 2^-c, pmax = 1 / sum (the reference's log2_dequant)
-                        P0[i0 + r // group, g * group + r % group] = rmax[r, 1] * (T.float32(1) / red[1])
+                    if quant:  # p^ = pmax * 2^-c, pmax = 1 / sum (the reference's log2_dequant); sc[r, 0]: key 0
+                        P0[i0 + r // group, g * group + r % group] = sc[r, 0] * (T.float32(1) / rs[r])
                     else:
-                        P0[i0 + r // group, g * group + r % group] = rmax[r, 1] / red[1]
+                        P0[i0 + r // group, g * group + r % group] = sc[r, 0] / rs[r]
+            # 2b/3. out = sum_j w_j v_j over the causal keys, per position: its `group` rows x `dchunk` values of
+            # head_dim accumulate in registers over all key blocks (each V value loaded once for the group), keys
+            # in ascending order as before; blocks whose weights are all 0 are skipped (adding 0 changes nothing)
+            for p in T.serial(nrows // group):
+                for hc in T.serial(I64(head_dim // dchunk)):
+                    for r, l in T.grid(I64(group), I64(dchunk)):
+                        at[r, l] = T.float32(0)
+                    for b in T.serial((m - n + i0 + p + kb) // kb):
+                        if flag[p, b] > T.float32(0):
+                            for jj in T.serial(I64(kb)):
+                                for r in T.unroll(I64(group)):
+                                    if n <= direct_max:  # w is 0 for keys past m, whose V row is clamped to a real one
+                                        for l in T.vectorized(I64(dchunk)):
+                                            at[r, l] = at[r, l] + sc[p * group + r, b * kb + jj] * T.Cast(
+                                                "float32", V[T.min(b * kb + jj, m - 1), g, hc * dchunk + l])
+                                    else:
+                                        for l in T.vectorized(I64(dchunk)):
+                                            at[r, l] = at[r, l] + sc[p * group + r, b * kb + jj] * VF[
+                                                g, b * kb + jj, hc * dchunk + l]
+                    for r in T.serial(I64(group)):
+                        for l in T.vectorized(I64(dchunk)):
+                            if quant:
+                                O[i0 + p, g * group + r, hc * dchunk + l] = at[r, l] * (
+                                    SC[2] * (T.float32(1) / rs[p * group + r]))
+                            else:
+                                O[i0 + p, g * group + r, hc * dchunk + l] = at[r, l] / rs[p * group + r]
 
 
     if not first_probs and not key_positions:
@@ -563,9 +632,37 @@ def _log2_weight(y, top: int):
 
 
 #: rows per task of the rms_norm kernel: their serial sums of squares interleave (independent add chains)
-RMS_NORM_ROWS = 4
+RMS_NORM_ROWS = 8
 #: float lanes of the rms_norm kernel's vectors; the width must be a multiple of it
 RMS_NORM_LANES = 8
+
+
+def _norm_rows_macro(width: int, eps: float, lanes: int, rows: int):
+    """The RMSNorm of rows [t * rows, t * rows + rows) of X into O, in the order that matches Relax bit for bit
+    (see `rms_norm`): squares to a scratch row (vectorized, no FMA can merge square and sum), the rows' serial sums
+    interleaved, then the scale (vectorized). A macro: `rms_norm` and `add_rms_norm` inline it."""
+
+    @T.macro(hygienic=True)
+    def norm_rows(X, W, O, t, n):
+        sq = T.decl_buffer((rows, width), "float32")
+        acc = T.decl_buffer((rows,), "float32", scope="local")
+        for r in T.serial(rows):
+            for c in T.serial(width // lanes):
+                for l in T.vectorized(lanes):
+                    sq[r, c * lanes + l] = X[T.min(t * rows + r, n - 1), c * lanes + l] * X[
+                        T.min(t * rows + r, n - 1), c * lanes + l]
+            acc[r] = T.float32(0)
+        for d in T.serial(width):
+            for r in T.unroll(rows):
+                acc[r] = acc[r] + sq[r, d]
+        for r in T.serial(rows):
+            if t * rows + r < n:
+                acc[r] = T.rsqrt(acc[r] / T.float32(width) + T.float32(eps))
+                for c in T.serial(width // lanes):
+                    for l in T.vectorized(lanes):
+                        O[t * rows + r, c * lanes + l] = acc[r] * X[t * rows + r, c * lanes + l] * W[c * lanes + l]
+
+    return norm_rows
 
 
 @functools.lru_cache(maxsize=None)
@@ -580,6 +677,7 @@ def rms_norm(width: int, eps: float):
     interleaved (independent dependency chains), then the scale, vectorized."""
     lanes, rows = RMS_NORM_LANES, RMS_NORM_ROWS
     assert width % lanes == 0, "rms_norm kernel needs width a multiple of RMS_NORM_LANES"
+    norm_rows = _norm_rows_macro(width, eps, lanes, rows)
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, o_h: T.handle):
@@ -589,26 +687,84 @@ def rms_norm(width: int, eps: float):
         W = T.match_buffer(w_h, (width,), "float32")
         O = T.match_buffer(o_h, (n, width), "float32")
         for t in T.parallel((n + rows - 1) // rows):
-            sq = T.decl_buffer((rows, width), "float32")
-            acc = T.decl_buffer((rows,), "float32", scope="local")
-            for r in T.serial(rows):
-                for c in T.serial(width // lanes):
-                    for l in T.vectorized(lanes):
-                        sq[r, c * lanes + l] = X[T.min(t * rows + r, n - 1), c * lanes + l] * X[
-                            T.min(t * rows + r, n - 1), c * lanes + l]
-                acc[r] = T.float32(0)
-            for d in T.serial(width):
-                for r in T.unroll(rows):
-                    acc[r] = acc[r] + sq[r, d]
-            for r in T.serial(rows):
-                if t * rows + r < n:
-                    acc[r] = T.rsqrt(acc[r] / T.float32(width) + T.float32(eps))
-                    for c in T.serial(width // lanes):
-                        for l in T.vectorized(lanes):
-                            O[t * rows + r, c * lanes + l] = acc[r] * X[t * rows + r, c * lanes + l] * W[c * lanes + l]
+            norm_rows(X, W, O, t, n)
 
     return func
 
+
+@functools.lru_cache(maxsize=None)
+def add_rms_norm(width: int, eps: float):
+    """(s, rms_norm(s)) for s = x + y over [n, width]: a residual add and the RMSNorm that reads it, in one pass
+    (the sum is still in cache when it is normed). Both outputs are bit for bit R.add and `rms_norm`'s: the same
+    elementwise sum, stored, then the norm's own steps on the stored values."""
+    lanes, rows = RMS_NORM_LANES, RMS_NORM_ROWS
+    assert width % lanes == 0, "add_rms_norm kernel needs width a multiple of RMS_NORM_LANES"
+    norm_rows = _norm_rows_macro(width, eps, lanes, rows)
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, y_h: T.handle, w_h: T.handle, s_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        X = T.match_buffer(x_h, (n, width), "float32")
+        Y = T.match_buffer(y_h, (n, width), "float32")
+        W = T.match_buffer(w_h, (width,), "float32")
+        S = T.match_buffer(s_h, (n, width), "float32")
+        O = T.match_buffer(o_h, (n, width), "float32")
+        for t in T.parallel((n + rows - 1) // rows):
+            for r in T.serial(rows):
+                if t * rows + r < n:
+                    for c in T.serial(width // lanes):
+                        for l in T.vectorized(lanes):
+                            S[t * rows + r, c * lanes + l] = X[t * rows + r, c * lanes + l] + Y[
+                                t * rows + r, c * lanes + l]
+            norm_rows(S, W, O, t, n)
+
+    return func
+
+
+def _rounded(x):
+    """float32 x as a rounded float32 that no fused multiply-add may absorb: TVM's LLVM backend contracts a
+    product feeding a sum into an FMA (one rounding instead of two) wherever it sees the pair, which changes last
+    bits against ops that round the product (Relax's unfused elementwise ops). `llvm.arithmetic.fence` forbids
+    that; it compiles to nothing."""
+    from tvm import tirx
+
+    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", x)
+
+
+#: float lanes of the RoPE kernel's vectors; head_dim / 2 must be a multiple of it
+ROPE_LANES = 8
+
+
+@functools.lru_cache(maxsize=None)
+def rope(heads: int, head_dim: int, max_len: int):
+    """HF LLaMA RoPE (rotate_half layout) of x [n, heads * head_dim] at positions pos [n], from the cos/sin tables
+    [max_len, head_dim]: out[i, h, d] = x[i, h, d] * cos[pos_i, d] + rot[i, h, d] * sin[pos_i, d], rot = (-x2, x1).
+    The same float operations as the Relax ops it replaces (take, strided_slice, negative, concat, multiply, add:
+    loops over [n, heads, head_dim] intermediates, ~10x slower), both products rounded (`_rounded`), so the same
+    bits; one row of heads per parallel iteration."""
+    half = head_dim // 2
+    assert half % ROPE_LANES == 0, "rope kernel needs head_dim a multiple of 2 * ROPE_LANES"
+
+    @T.prim_func(private=True)
+    def func(x_h: T.handle, c_h: T.handle, s_h: T.handle, p_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        X = T.match_buffer(x_h, (n, heads * head_dim), "float32")
+        C = T.match_buffer(c_h, (max_len, head_dim), "float32")
+        S = T.match_buffer(s_h, (max_len, head_dim), "float32")
+        P = T.match_buffer(p_h, (n,), "int32")
+        O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
+        for i in T.parallel(n):
+            for h in T.serial(T.int64(heads)):
+                for d in T.vectorized(T.int64(half)):
+                    O[i, h, d] = _rounded(X[i, h * head_dim + d] * C[T.Cast("int64", P[i]), d]) + _rounded(
+                        (-X[i, h * head_dim + half + d]) * S[T.Cast("int64", P[i]), d])
+                for d in T.vectorized(T.int64(half)):
+                    O[i, h, half + d] = _rounded(X[i, h * head_dim + half + d] * C[T.Cast("int64", P[i]), half + d]) + (
+                        _rounded(X[i, h * head_dim + d] * S[T.Cast("int64", P[i]), half + d]))
+
+    return func
 
 @functools.lru_cache(maxsize=None)
 def swiglu(width: int):
@@ -636,7 +792,8 @@ def _silu(x):
 
     t = _exp_nonpositive(tirx.const(0.0, "float32") - tirx.abs(x))
     one = tirx.const(1.0, "float32")
-    return tirx.Select(x >= tirx.const(0.0, "float32"), x / (one + t), x * t / (one + t))
+    # one division: x * 1 is x exactly, so this is Select(x >= 0, x / (1 + t), x * t / (1 + t)) to the last bit
+    return x * tirx.Select(x >= tirx.const(0.0, "float32"), one, t) / (one + t)
 
 
 @functools.lru_cache(maxsize=None)
