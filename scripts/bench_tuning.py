@@ -1,12 +1,18 @@
 #!/usr/bin/env python
 """Benchmark the tuned schedules: untuned vs hand schedule vs tuned GFLOP/s per kernel, measured in one run.
 
-    .venv/bin/python scripts/bench_tuning.py [--target x86-avx2] [--out results/tuning.json]
+    .venv/bin/python scripts/bench_tuning.py [--target x86-avx2] [--set v2|v1|all] [--out results/tuning.json]
+
+Kernel sets: "v2" (default) the static-shape kernels the frontend emits for the model that was tuned (`agile-tvm
+tune --model CKPT` keeps them in tune_logs/<target>/kernels.json: the decode GEMVs with the per-token quantizer
+inside, fused q/k/v and gate/up, the INT8 LM head); "v1" the earlier W4A8 shapes `w4a8_n{N}_k{K}_m{M}` (rows of
+a set not measured are kept from the previous results file, with their own date).
 
 "untuned" is the kernel's TE compiled with TVM's default (unscheduled) lowering, "hand" the kernels' own
-schedule (agile_tvm.kernels.schedule), "tuned" the record in schedules/<target>/ (verified at export). All three
-run here, back to back, same inputs; trials and minutes come from tune_logs/<target>/curve.jsonl. The machine is
-shared: numbers are medians of several repeats and provisional.
+schedule (agile_tvm.kernels.schedule), "tuned" the best verified of the top-5 records in tune_logs/ re-measured
+here (what export does), "shipped" whether schedules/<target>/ has a record for it (the frontend applies those).
+All run here, back to back, same inputs; trials and minutes come from tune_logs/<target>/curve.jsonl. The machine
+is shared: numbers are medians of several repeats and provisional.
 """
 
 from __future__ import annotations
@@ -51,6 +57,46 @@ def curve_minutes(work_dir: Path) -> dict[str, float]:
     return {k: round(v / 60, 2) for k, v in out.items()}
 
 
+def measure(name, target_name, target, specs, tune_db, trials, minutes, repeat) -> dict:
+    """One kernel: untuned, hand and tuned GFLOP/s here, back to back on the same inputs."""
+    import tvm
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from agile_tvm.tune import records
+    from agile_tvm.tune.export import outputs_match, random_args, run_local, verify_schedule
+    from agile_tvm.tune.workloads import hand_func, workload
+
+    wl = workload(name, target_name, specs)
+    ref, flops = wl.func, wl.flops
+    arrays = random_args(ref, seed=1)
+    spec = specs.get(name)
+    shape = ({"M": int(spec["options"].get("m") or 1), "N": int(spec["N"]), "K": int(spec["K"])} if spec else
+             dict(zip("NKM", (int(p[1:]) for p in name.split("_")[1:]))))
+    row = {"kernel": name, **shape}
+    untuned = tvm.compile(ref, target=target).mod
+    want = run_local(untuned, [a.copy() for a in arrays])
+    row["untuned_gflops"] = round(gflops(untuned, arrays, flops, repeat), 2)
+    hand = tvm.compile(hand_func(name, target_name, specs), target=target).mod
+    row["hand_matches_untuned"] = outputs_match(run_local(hand, [a.copy() for a in arrays]), want)[0]
+    row["hand_gflops"] = round(gflops(hand, arrays, flops, repeat), 2)
+    best = None  # the best of the top records in tune_logs/ re-measured here (what export does), shipped or not
+    mod = _normalize_mod(ref)
+    if tune_db is not None and tune_db.has_workload(mod):
+        for rec in tune_db.get_top_k(tune_db.commit_workload(mod), 5):
+            sch = tvm.s_tir.Schedule(mod)
+            rec.trace.apply_to_schedule(sch, remove_postproc=False)
+            if verify_schedule(sch, mod, target)[0]:
+                g = gflops(tvm.compile(sch.mod, target=target).mod, arrays, flops, repeat)
+                best = g if best is None else max(best, g)
+    row["tuned_gflops"] = None if best is None else round(best, 2)
+    row["tuned_over_hand"] = None if best is None else round(best / row["hand_gflops"], 2)
+    row["shipped_in_schedules"] = records.tuned_func(ref, target_name) is not None
+    row["trials"] = trials.get(name, 0)
+    row["tuning_minutes"] = minutes.get(name)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> int:
     from agile_tvm.rpc.profiles import host_x86_target
 
@@ -58,6 +104,7 @@ def main() -> int:
     parser.add_argument("--target", default=None, help="default: the x86 target this machine runs")
     parser.add_argument("--out", default=str(REPO / "results" / "tuning.json"))
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--set", choices=("v2", "v1", "all"), default="v2", help="which kernels to measure")
     args = parser.parse_args()
     target_name = args.target or host_x86_target()
     if target_name is None:
@@ -67,73 +114,47 @@ def main() -> int:
     from agile_tvm.tune.intrinsics import import_cpu_intrinsics
 
     import_cpu_intrinsics()
-    import tvm
-
     from agile_tvm.tune import progress, records
-    from agile_tvm.tune.export import random_args, run_local
     from agile_tvm.tune.targets import tuning_target
-    from agile_tvm.tune.workloads import hand_scheduled_func, linear_func, model_config, model_kernel_names
-
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    from agile_tvm.tune.export import verify_schedule
+    from agile_tvm.tune.workloads import model_config, model_kernel_names, read_kernel_specs
 
     target = tuning_target(target_name)
-    tune_db = (records.open_database(records.tune_logs_root() / target_name, create=False)
-               if (records.tune_logs_root() / target_name / records.RECORD_FILE).exists() else None)
-    sched_dir = records.schedules_root() / target_name
-    manifest = json.loads((sched_dir / "manifest.json").read_text()) if (sched_dir / "manifest.json").exists() else {}
     work_dir = records.tune_logs_root() / target_name
+    tune_db = (records.open_database(work_dir, create=False)
+               if (work_dir / records.RECORD_FILE).exists() else None)
+    specs = read_kernel_specs(work_dir)
     trials = progress.trials_done(work_dir)
     minutes = curve_minutes(work_dir)
-    rows = []
-    for name in model_kernel_names(model_config("smollm2-135m")):
-        wbits, n, k, m = (int(p[1:]) if i else int(p[1]) for i, p in enumerate(name.split("_")))
-        ref = linear_func(wbits, n, k, m, target_name)
-        flops = 2.0 * m * n * k
-        arrays = random_args(ref, seed=1)
-        row = {"kernel": name, "M": m, "N": n, "K": k}
-        untuned = tvm.compile(ref, target=target).mod
-        want = run_local(untuned, [a.copy() for a in arrays])[-1]
-        row["untuned_gflops"] = round(gflops(untuned, arrays, flops, args.repeat), 2)
-        hand = tvm.compile(hand_scheduled_func(wbits, n, k, m, target_name), target=target).mod
-        hand_ok = bool(abs(run_local(hand, [a.copy() for a in arrays])[-1] - want).max() <= 1e-5 * abs(want).max())
-        row["hand_gflops"] = round(gflops(hand, arrays, flops, args.repeat), 2)
-        row["hand_matches_untuned"] = hand_ok
-        # tuned: the best of the top records in tune_logs/ re-measured here (what export does), shipped or not
-        best = None
-        if tune_db is not None:
-            mod = _normalize_mod(ref)
-            if tune_db.has_workload(mod):
-                for rec in tune_db.get_top_k(tune_db.commit_workload(mod), 5):
-                    sch = tvm.s_tir.Schedule(mod)
-                    rec.trace.apply_to_schedule(sch, remove_postproc=False)
-                    ok, _ = verify_schedule(sch, mod, target)
-                    if ok:
-                        g = gflops(tvm.compile(sch.mod, target=target).mod, arrays, flops, args.repeat)
-                        best = g if best is None else max(best, g)
-        row["tuned_gflops"] = None if best is None else round(best, 2)
-        row["tuned_over_hand"] = None if best is None else round(best / row["hand_gflops"], 2)
-        row["shipped_in_schedules"] = records.tuned_func(ref, target_name) is not None
-        row["trials"] = trials.get(name, 0)
-        row["tuning_minutes"] = minutes.get(name)
-        row["tuning_best_gflops_on_board"] = manifest.get("kernels", {}).get(name, {}).get("gflops")
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    names = {"v2": list(specs), "v1": model_kernel_names(model_config("smollm2-135m"))}
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    sets = ["v2", "v1"] if args.set == "all" else [args.set]
     result = {
-        "what": "SmolLM2-135M linear kernels (W4A8), GFLOP/s = 2*M*N*K/t, medians; untuned vs hand vs tuned "
-                "(best verified of the top-5 tuning records, re-measured here); shipped = exported to schedules/ "
-                "(only records faster than the hand schedule are)",
+        "what": "SmolLM2-135M linear kernels, GFLOP/s = 2*M*N*K/t (N of a fused kernel: all its outputs, padded), "
+                "medians; untuned vs hand vs tuned (best verified of the top-5 tuning records, re-measured here); "
+                "shipped = exported to schedules/ (only records faster than the hand schedule are). v2: the static "
+                "(decode, M=1) kernels the frontend emits for the agileq8 checkpoint; v1: the earlier W4A8 shapes",
         "target": target_name, "machine": platform.processor() or platform.machine(),
         "cpu_flags_note": "this machine has AVX2 but no AVX-512: x86-avx512 cannot be measured here"
         if target_name != "x86-avx512" else "",
         "provisional": "shared 2-core machine, other heavy jobs running; ratios matter more than absolutes",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "total_trials": sum(r["trials"] for r in rows),
-        "total_tuning_minutes": round(sum(r["tuning_minutes"] or 0 for r in rows), 1),
-        "kernels": rows,
     }
-    out = Path(args.out)
+    for kernel_set in ("v2", "v1"):
+        if kernel_set not in sets:
+            if previous.get(kernel_set):
+                result[kernel_set] = previous[kernel_set]
+            elif kernel_set == "v1" and previous.get("kernels"):  # results written before the v2 kernels
+                result["v1"] = {k: previous[k] for k in ("date", "total_trials", "total_tuning_minutes", "kernels")
+                                if k in previous}
+            continue
+        rows = [measure(name, target_name, target, specs, tune_db, trials, minutes, args.repeat)
+                for name in names[kernel_set]]
+        result[kernel_set] = {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "total_trials": sum(r["trials"] for r in rows),
+            "total_tuning_minutes": round(sum(r["tuning_minutes"] or 0 for r in rows), 1),
+            "kernels": rows,
+        }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -32,7 +32,7 @@ def plot_sparsity(records: list, path: Path, corpus: str = "handbook", config: s
     windows = max(set(pruned), key=lambda w: (pruned.count(w), w))
     runs = [r for r in runs if r["windows"] == windows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for protocol, style in (("all-tokens", "o-"), ("pruned-labels-dropped", "s--")):
+    for protocol, style in (("all-tokens", "o-"), ("pruned-labels-dropped", "s--"), ("unpruned-on-kept-labels", "^:")):
         pts = sorted((r["token_sparsity"], r["ppl"]) for r in runs
                      if r["protocol"] == protocol or (r["prune_beta"] == 0 and r["protocol"] == "all-tokens"))
         if len(pts) > 1 or protocol == "all-tokens":

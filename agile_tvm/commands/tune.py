@@ -13,7 +13,9 @@ def register(subparsers) -> None:
     what.add_argument("--kernels", nargs="+", default=None,
                       help="kernel names, e.g. w4a8_n576_k576_m128 matmul_m64_n64_k64")
     what.add_argument("--model", default=None,
-                      help="a model folder (config.json) or smollm2-135m: all its linear shapes at M=1 and 128")
+                      help="an agile-tvm checkpoint (or smollm2-135m: the newest agileq8 one in out/ckpt/): the "
+                           "static (decode) kernels the frontend emits for it; a Hugging Face folder (config.json): "
+                           "the v1 W4A8 linear shapes at M=1 and 128")
     p.add_argument("--work-dir", default=None, help="database folder (default tune_logs/<target>)")
     p.add_argument("--trials-per-iter", type=int, default=16)
     p.add_argument("--population", type=int, default=128, help="evolutionary search population")
@@ -41,20 +43,33 @@ def run_tune(args) -> int:
     from pathlib import Path
 
     from agile_tvm.tune.tuner import TuneOptions, tune
-    from agile_tvm.tune.workloads import model_config, model_kernel_names
 
-    if args.model:
-        kernels = model_kernel_names(model_config(args.model))
-    elif args.kernels:
-        kernels = args.kernels
-    else:
-        kernels = model_kernel_names(model_config("smollm2-135m"))
+    kernels, specs = model_kernels(args.model or "smollm2-135m", args.target) if not args.kernels else (args.kernels,
+                                                                                                      {})
     opts = TuneOptions(target=args.target, tracker=args.tracker, key=args.key, trials=args.trials, kernels=kernels,
-                       work_dir=Path(args.work_dir) if args.work_dir else None, trials_per_iter=args.trials_per_iter,
-                       population=args.population, board_wait=args.board_wait, num_cores=args.num_cores,
-                       seed=args.seed)
+                       kernel_specs=specs, work_dir=Path(args.work_dir) if args.work_dir else None,
+                       trials_per_iter=args.trials_per_iter, population=args.population, board_wait=args.board_wait,
+                       num_cores=args.num_cores, seed=args.seed)
     tune(opts)
     return 0
+
+
+def model_kernels(model: str, target_name: str) -> tuple[list[str], dict]:
+    """(kernel names, frontend specs) of `--model`: the frontend's static kernels for a checkpoint, else the v1
+    shapes of the config."""
+    import sys
+
+    from agile_tvm.tune.workloads import find_checkpoint, frontend_kernels, model_config, model_kernel_names
+
+    ckpt = find_checkpoint(model)
+    if ckpt is None:
+        if model in ("smollm2-135m", "smollm2"):
+            print("no SmolLM2 agileq8 checkpoint in out/ckpt/: tuning the v1 W4A8 shapes of its config",
+                  file=sys.stderr)
+        return model_kernel_names(model_config(model)), {}
+    specs = frontend_kernels(ckpt, target_name)
+    print(f"{len(specs)} static kernel(s) of {ckpt} on {target_name}", file=sys.stderr)
+    return list(specs), specs
 
 
 def run_export(args) -> int:

@@ -34,7 +34,7 @@ def model_class(arch: str):
 
 
 def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool = False,
-                 prune_beta: float | None = None, prune_start: int | None = None):
+                 prune_beta: float | None = None, prune_start: int | None = None, tuned: bool = True):
     """(IRModule, weights: dict[str, np.ndarray], meta: dict) for a checkpoint folder or a loaded Checkpoint.
 
     `target` (a name of `agile_tvm.targets`, a dict or a Target; None = "host") picks the kernels' layouts and
@@ -42,7 +42,8 @@ def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool
     `taps=True` (tests, debugging): forward_all returns (logits, *tapped values), named in meta["taps"] (e.g.
     "P:in", the input of integer linear P).
     Token pruning follows the checkpoint's schedule, or `prune_beta` (and `prune_start`, 0: half the depth) instead
-    (`checkpoint.prune_schedule`); meta["pruning"] holds the schedule the module runs (None: no pruning)."""
+    (`checkpoint.prune_schedule`); meta["pruning"] holds the schedule the module runs (None: no pruning).
+    `tuned=False`: the static kernels keep their hand schedules even where `schedules/<target>/` has records."""
     from agile_tvm.frontend.checkpoint import Checkpoint, load_checkpoint, prune_schedule
     from agile_tvm.frontend.graph import GraphBuilder
 
@@ -53,6 +54,8 @@ def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool
     limit = int(ckpt.config.get("max_position_embeddings") or ckpt.config.get("seq_length") or 2048)
     max_seq_len = int(max_seq_len or min(limit, 2048))
     g = GraphBuilder(ckpt, max_seq_len, target=target, pruning=pruning)
+    if not tuned:
+        g._schedule_records = None  # no lookups in schedules/ (LinearEmitter._tuned_kernel)
     if taps:
         g.taps = []
     mod = g.build(model)

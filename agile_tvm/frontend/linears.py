@@ -131,8 +131,12 @@ class LinearEmitter:
             if key not in self._funcs:
                 make = kern.w4a8_linear_func if spec.w_bits == 4 else kern.w8a8_linear_func
                 options = dict(act="token", has_wmin=spec.float_zero) if v2 else {}  # v1: the v1 signature
-                func = make(n_out, k, self.target, group_size=k // spec.groups, has_bias=spec.has_bias, m=m,
-                            wfmt=wfmt, tables="tiled", **options, **fusion)
+                options = dict(group_size=k // spec.groups, has_bias=spec.has_bias, m=m, wfmt=wfmt, tables="tiled",
+                               **options, **fusion)
+                func = self._tuned_kernel(make, spec.w_bits, n_out, k, options) if m else None
+                if func is None:
+                    func = make(n_out, k, self.target, **options)
+                    func = func.with_attr("agile_tvm.schedule", self._hand_mark()) if m else func
                 self.tir(key, func.without_attr("global_symbol"))
             if name is None and spec.prefix + ".wpack" not in self.weights.arrays:
                 for suffix, array in self._packed_arrays(spec, wfmt, fusion["compact"]).items():
@@ -140,6 +144,31 @@ class LinearEmitter:
         except UserError as err:
             raise UserError(f"linear {spec.prefix} ({k} -> {n_out}) cannot run on the integer kernels: {err}") from None
         return self._funcs[key]
+
+    def _tuned_kernel(self, make, wbits: int, n_out: int, k: int, options: dict):
+        """The static-shape kernel `make(n_out, k, target, **options)` with its tuned schedule from
+        `schedules/<target>/`, or None (the caller keeps the hand schedule). The records are opened once per build
+        and matched by the kernel's unscheduled TE (`tune.records`); a builder with a `kernel_specs` dict also
+        collects every static kernel there (what `agile-tvm tune --model` tunes: `tune.workloads`)."""
+        from agile_tvm.tune.records import ScheduleRecords
+
+        unscheduled = make(n_out, k, self.target, schedule=False, **options)
+        specs = self.__dict__.get("kernel_specs")
+        if specs is not None:
+            specs[str(unscheduled.attrs["global_symbol"])] = dict(wbits=wbits, N=n_out, K=k, options=options)
+        if "_schedule_records" not in self.__dict__:
+            self._schedule_records = ScheduleRecords.for_target(self.target)
+        records = self._schedule_records
+        if records is None:
+            return None
+        tuned = records.tuned(unscheduled)
+        return None if tuned is None else tuned.with_attr("agile_tvm.schedule", f"record {records.target_name}")
+
+    def _hand_mark(self) -> str:
+        """How a static kernel without a record is marked for the compile log: "hand x86-avx2" (records looked up,
+        none matched) or "hand" (no records for this target)."""
+        records = self.__dict__.get("_schedule_records")
+        return f"hand {records.target_name}" if records is not None else "hand"
 
     def _packed(self, spec: LinearSpec, wfmt: str) -> tuple[np.ndarray, dict]:
         """(the linear's codes packed as int8 tiles or nibbles, its per-group tables channel-major by name

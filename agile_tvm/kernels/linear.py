@@ -457,7 +457,10 @@ def _fusion_suffix(n_offset=0, n_total=None, outs=None, x_float=False, a_bits=8,
 
 
 def _linear_func(wbits, N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt=None,
-                 act="tensor", has_wmin=False, tables="ng", **fusion):
+                 act="tensor", has_wmin=False, tables="ng", schedule=True, **fusion):
+    """The linear kernel as a PrimFunc named after its options: hand-scheduled (``schedule_linear``), or with
+    ``schedule=False`` the unscheduled TE the hand schedule starts from, which is what tuning records are keyed by
+    (``agile_tvm.tune.records.tuned_func``)."""
     from agile_tvm.targets import get_target, isa_of
 
     from .schedule import schedule_linear
@@ -475,7 +478,7 @@ def _linear_func(wbits, N, K, target, *, group_size=None, has_bias=False, requan
     args, info = linear_tensors(N, K, isa, wbits, group_size=group_size, has_bias=has_bias, requant=requant, m=m,
                                 name=name, wfmt=wfmt, act=act, has_wmin=has_wmin, tables=tables, **fusion)
     func = te.create_prim_func(args).with_attr("global_symbol", name)
-    return schedule_linear(func, info)
+    return schedule_linear(func, info) if schedule else func
 
 
 def w4a8_linear_func(N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt=None,

@@ -47,7 +47,7 @@ def export(ckpt_dir, target_name: str, out_dir, max_seq_len: int | None = None, 
     ckpt = load_checkpoint(ckpt_dir)
     t0 = time.perf_counter()
     mod, weights, meta = build_module(ckpt, max_seq_len=max_seq_len, target=target, prune_beta=prune_beta,
-                                      prune_start=prune_start)
+                                      prune_start=prune_start, tuned=tuned)
     log(f"relax module built in {time.perf_counter() - t0:.1f}s ({len(weights)} weight tensors)")
     t0 = time.perf_counter()
     ex, schedule_info = compile_relax(mod, target, target_name if tuned else None)

@@ -8,11 +8,12 @@ Two ways the compiler applies them, both falling back to what it had when there 
 
 1. Our kernels (what `agile-tvm tune` tunes): build the unscheduled kernel and ask for its tuned schedule::
 
-       from agile_tvm.tune.records import tuned_linear_func
-       f = tuned_linear_func(4, N, K, M, "x86-avx2")          # None -> use agile_tvm.kernels' hand schedule
-       # or, for any unscheduled PrimFunc: tuned_func(func, target_name)
+       from agile_tvm.tune.records import tuned_func
+       f = tuned_func(unscheduled, "x86-avx2")                # None -> use agile_tvm.kernels' hand schedule
 
-   Records exist for static M (1 = decode, 128 = prefill chunk): a symbolic-M kernel keeps the hand schedule.
+   The frontend does this for every static-shape linear kernel it emits (decode, m=1, incl. the LM head:
+   `frontend.linears.LinearEmitter._linear_kernel`, database opened once per build: `ScheduleRecords`).
+   Symbolic-M (prefill) kernels keep the hand schedule: MetaSchedule tunes and matches static shapes only.
 
 2. A Relax module of ordinary ops (records tuned with `ms.relax_integration.tune_relax`): legalize + fuse
    first, since records are keyed by the *fused* TIR functions, then apply the database::
@@ -126,14 +127,15 @@ def apply_schedules(mod, target, target_name: str, enable_warning: bool = False)
         return relax.pipeline.zero_pipeline(enable_warning=enable_warning)(mod)
 
 
-def tuned_func(func, target_name: str):
+def tuned_func(func, target_name: str, db=None):
     """The tuned schedule of an *unscheduled* PrimFunc from `schedules/<target>/`, or None (use the hand one).
 
     This is how a kernel gets its tuned schedule at compile time: build the unscheduled TE of the kernel
-    (`agile_tvm.tune.workloads.linear_func`), ask here, fall back to the kernels' hand schedule on None.
+    (`agile_tvm.kernels.linear._linear_func(..., schedule=False)`), ask here, fall back to the kernels' hand
+    schedule on None. `db`: an already opened `schedule_database` (opening it per kernel is slow).
     The returned PrimFunc is marked `tir.is_scheduled` so Relax leaves it alone.
     """
-    db = schedule_database(target_name)
+    db = db if db is not None else schedule_database(target_name)
     if db is None:
         return None
     from agile_tvm.tune.intrinsics import import_cpu_intrinsics
@@ -150,6 +152,34 @@ def tuned_func(func, target_name: str):
         return None
     tuned = sch.mod["main"].with_attr("tir.is_scheduled", True)
     return tuned.with_attr("global_symbol", name) if name else tuned
+
+
+class ScheduleRecords:
+    """`schedules/<target>/` opened once for one model build: `tuned(func)` per kernel, counting what it found.
+
+    `for_target(target)` gives None when the target is not one of the named targets (e.g. "host": records are
+    tuned and kept per named target) or there are no records, so the caller keeps its hand schedules."""
+
+    def __init__(self, target_name: str, db):
+        self.target_name, self.db = target_name, db
+        self.asked = 0
+        self.found = 0
+
+    @classmethod
+    def for_target(cls, target):
+        from agile_tvm.tune.targets import target_name_of
+
+        name = target if isinstance(target, str) else target_name_of(target)
+        if name is None:
+            return None
+        db = schedule_database(name)  # a corrupt database is a UserError naming the file
+        return None if db is None else cls(name, db)
+
+    def tuned(self, func):
+        self.asked += 1
+        got = tuned_func(func, self.target_name, self.db)
+        self.found += got is not None
+        return got
 
 
 def tuned_linear_func(wbits: int, N: int, K: int, M: int, target_name: str):

@@ -23,3 +23,14 @@ def tuning_target(name: str, num_cores: int | None = None):
     import tvm
 
     return tvm.target.Target(target_dict(name, num_cores))
+
+
+def target_name_of(target) -> str | None:
+    """The name in agile_tvm.targets.TARGETS of a tvm Target (same mtriple and mcpu), or None (e.g. "host")."""
+    from agile_tvm.targets import TARGETS
+
+    for name, d in TARGETS.items():
+        if str(target.attrs.get("mcpu", "")) == d.get("mcpu") and str(target.attrs.get("mtriple", "")) == d.get(
+                "mtriple"):
+            return name
+    return None

@@ -22,6 +22,7 @@ class TuneOptions:
     key: str
     trials: int                      # per kernel (a resumed run only adds what is missing)
     kernels: list[str] = field(default_factory=list)
+    kernel_specs: dict = field(default_factory=dict)  # frontend kernels by name (workloads.frontend_kernels)
     work_dir: Path | None = None     # default tune_logs/<target>
     trials_per_iter: int = 16
     population: int = 128
@@ -71,7 +72,7 @@ def tune(opts: TuneOptions) -> dict:
     from agile_tvm.tune.runner import make_runner
     from agile_tvm.tune.space import space_generator
     from agile_tvm.tune.targets import tuning_target
-    from agile_tvm.tune.workloads import workload
+    from agile_tvm.tune.workloads import read_kernel_specs, workload, write_kernel_specs
 
     target = tuning_target(opts.target, opts.num_cores)
     work_dir = Path(opts.work_dir or records.tune_logs_root() / opts.target)
@@ -80,7 +81,10 @@ def tune(opts: TuneOptions) -> dict:
     records.check_database_files(work_dir)  # a corrupt file is named and kept, before anything else
     host, port, boards, info = preflight(opts, target)
     db = records.open_database(work_dir, create=True)
-    workloads = [workload(name, opts.target) for name in opts.kernels]
+    specs = {**read_kernel_specs(work_dir), **opts.kernel_specs}
+    workloads = [workload(name, opts.target, specs) for name in opts.kernels]
+    if opts.kernel_specs:  # export and the benchmark rebuild these kernels by name
+        write_kernel_specs(work_dir, {n: opts.kernel_specs[n] for n in opts.kernels if n in opts.kernel_specs})
     done = progress.trials_done(work_dir)
     todo = [(w, opts.trials - done.get(w.name, 0)) for w in workloads]
     todo = [(w, n) for w, n in todo if n > 0]
@@ -128,7 +132,8 @@ def tune(opts: TuneOptions) -> dict:
         try:
             for i, (w, n) in enumerate(todo):
                 ctx = ms.TuneContext(
-                    mod=w.func, target=target, space_generator=space_generator(w.name, target),
+                    mod=w.func, target=target,
+                    space_generator=space_generator(w.name, target, specs.get(w.name)),
                     search_strategy=ms.search_strategy.EvolutionarySearch(
                         population_size=opts.population, init_min_unmeasured=min(50, opts.population)),
                     task_name=w.name, rand_state=opts.seed + i, num_threads=target.attrs["num-cores"],

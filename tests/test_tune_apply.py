@@ -1,0 +1,150 @@
+"""Tuned records reach the compiled model: the frontend looks up `schedules/<target>/` for every static-shape
+(decode) linear kernel it emits and falls back to the hand schedule without a record; a corrupt database is a
+UserError. The record here is one we write (parallelize the float tile's n loop), so the decode logits must be
+exactly those of the hand-scheduled build: same arithmetic per output, only the loop order around it changes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agile_tvm.errors import UserError
+from agile_tvm.rpc.profiles import host_x86_target
+
+X86 = "x86-avx2"
+pytestmark = pytest.mark.skipif(host_x86_target() is None, reason="needs an x86 host with AVX2 (runs x86-avx2 code)")
+MAX_LEN = 32
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny LLaMA agileq8 checkpoint (v2: per-token activations, float weight offsets, INT8 LM head)."""
+    import torch
+
+    from agile_tvm.models import tiny_model
+    from agile_tvm.quant.apply import quantize_model
+    from agile_tvm.quant.checkpoint import save_quantized
+    from agile_tvm.quant.configs import get_config
+
+    out = tmp_path_factory.mktemp("tiny") / "ckpt"
+    calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    save_quantized(quantize_model(tiny_model("llama"), get_config("agileq8"), calib), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def specs(ckpt):
+    from agile_tvm.tune.workloads import frontend_kernels
+
+    return frontend_kernels(ckpt, X86)
+
+
+def _write_record(folder, spec):
+    """A schedules/ database holding one record for `spec`'s kernel: its float tile's n loop made parallel."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from agile_tvm.tune.targets import tuning_target
+    from agile_tvm.tune.workloads import kernel_func
+
+    func = kernel_func(spec, X86)
+    mod = _normalize_mod(func)
+    sch = tvm.s_tir.Schedule(mod)
+    sch.parallel(sch.get_loops(sch.get_sblock("facc"))[1])
+    folder.mkdir(parents=True)
+    db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=True)
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(mod), [1e-6],
+                                                     tuning_target(X86), ArgInfo.from_prim_func(func)))
+
+
+def _decode_logits(ckpt, out):
+    """Export for x86-avx2 and run 6 decode steps (the static m=1 kernels) from an empty cache."""
+    from agile_tvm.runtime import load_module
+    from agile_tvm.runtime.export import export
+
+    manifest = export(ckpt, X86, out, max_seq_len=MAX_LEN, log=lambda *a: None)
+    lm = load_module(out)
+    cache = lm.new_cache()
+    ids = np.random.RandomState(0).randint(0, 256, (1, 6))
+    steps = []
+    for t in range(ids.shape[1]):
+        last, cache = lm.step(ids[:, t:t + 1], t, cache)
+        steps.append(np.asarray(last))
+    return np.stack(steps), manifest
+
+
+def test_frontend_kernels_are_the_static_decode_kernels(specs):
+    """Every collected kernel is an m=1 GEMV that quantizes x itself; q/k/v and gate/up come fused; the LM head
+    is the 8-bit int8-tile kernel."""
+    assert specs and all(s["options"]["m"] == 1 and s["options"]["x_float"] for s in specs.values())
+    assert any(s["options"].get("outs") and len(s["options"]["outs"]) == 3 for s in specs.values())  # q/k/v
+    assert any(s["wbits"] == 8 and s["options"]["wfmt"] == "int8" for s in specs.values())  # LM head
+
+
+def test_record_applied_when_compiling_and_logits_unchanged(ckpt, specs, tmp_path, monkeypatch):
+    from agile_tvm.frontend import build_module
+    from agile_tvm.tune import records
+
+    name = next(n for n, s in specs.items() if s["wbits"] == 4 and not s["options"].get("outs"))
+    monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path / "empty"))  # missing folder: hand schedules only
+    hand, hand_manifest = _decode_logits(ckpt, tmp_path / "hand")
+    assert "tuned records: none for this target" in hand_manifest["schedules"]
+
+    _write_record(tmp_path / "sched" / X86, specs[name])
+    monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path / "sched"))
+    mod, _, _ = build_module(ckpt, max_seq_len=MAX_LEN, target=X86)
+    marks = {gv.name_hint: str(f.attrs["agile_tvm.schedule"]) for gv, f in mod.functions.items()
+             if f.attrs is not None and "agile_tvm.schedule" in f.attrs}
+    assert sorted(marks.values()).count(f"record {X86}") == 1 and len(marks) == len(specs), marks
+    tuned_func = next(f for gv, f in mod.functions.items() if marks.get(gv.name_hint) == f"record {X86}")
+    assert "T.parallel" in tuned_func.script()  # the record's schedule, not the hand one or the bare TE
+    assert records.ScheduleRecords.for_target("host") is None  # only named targets have records
+    untuned, _, _ = build_module(ckpt, max_seq_len=MAX_LEN, target=X86, tuned=False)  # export --no-tuned
+    assert {str(f.attrs["agile_tvm.schedule"]) for _, f in untuned.functions.items()
+            if f.attrs is not None and "agile_tvm.schedule" in f.attrs} == {"hand"}
+
+    tuned, manifest = _decode_logits(ckpt, tmp_path / "tuned")
+    assert f"tuned records: 1 of {len(specs)} static linear kernels (schedules/{X86})" in manifest["schedules"]
+    np.testing.assert_array_equal(tuned, hand)
+
+
+def test_empty_schedules_folder_keeps_hand_schedules(ckpt, specs, tmp_path, monkeypatch):
+    from agile_tvm.frontend import build_module
+    from agile_tvm.tune import records
+
+    (tmp_path / X86).mkdir()
+    (tmp_path / X86 / records.WORKLOAD_FILE).write_text("")
+    (tmp_path / X86 / records.RECORD_FILE).write_text("")
+    monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path))
+    mod, _, _ = build_module(ckpt, max_seq_len=MAX_LEN, target=X86)
+    marks = [str(f.attrs["agile_tvm.schedule"]) for _, f in mod.functions.items()
+             if f.attrs is not None and "agile_tvm.schedule" in f.attrs]
+    assert marks and set(marks) == {"hand"}  # no records at all: nothing to look up
+
+
+def test_corrupt_schedules_database_is_a_user_error(ckpt, tmp_path, monkeypatch):
+    from agile_tvm.frontend import build_module
+    from agile_tvm.tune import records
+
+    (tmp_path / X86).mkdir()
+    (tmp_path / X86 / records.WORKLOAD_FILE).write_text("")
+    bad = tmp_path / X86 / records.RECORD_FILE
+    bad.write_text('[0, [[["GetSBlock"]]\n{not json\n')
+    monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path))
+    with pytest.raises(UserError, match=f"corrupt tuning database {bad}"):
+        build_module(ckpt, max_seq_len=MAX_LEN, target=X86)
+    assert bad.read_text().endswith("{not json\n")  # kept as it was
+
+
+def test_verify_compares_every_output_of_a_fused_kernel():
+    """A kernel with several outputs (fused q/k/v) is wrong if any output differs, not only the last."""
+    from agile_tvm.tune.export import outputs_match
+
+    want = [np.arange(4, dtype=np.uint8), np.ones(3, np.float32), np.full(2, 2.0, np.float32)]
+    assert outputs_match([a.copy() for a in want], want)[0]
+    got = [a.copy() for a in want]
+    got[1][0] = 1.5
+    ok, why = outputs_match(got, want)
+    assert not ok and "parameter 1" in why
