@@ -98,9 +98,9 @@ def scheme_hash(cfg) -> str:
 
 
 def record_key(r: dict) -> tuple:
-    """A record is redone when its config's scheme changed (the scheme summary is part of the key)."""
+    """A record is redone when its config's scheme or its calibration changed (both are part of the key)."""
     return (r["model"], r["corpus"], r["config"], float(r["prune_beta"]), r["seq_len"], r["windows"], r["protocol"],
-            r.get("scheme"))
+            r.get("scheme"), json.dumps(r.get("calibration"), sort_keys=True))
 
 
 def get_model(args, name: str, beta: float, loaded_cache: dict):
@@ -182,7 +182,9 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
     windows = corpus.eval_windows(tokens, args.seq_len, args.max_windows or None, exclude_calibration=exclude)
     model_name = Path(args.model).name
     base = {"model": model_name, "corpus": corpus_name, "config": name, "seq_len": args.seq_len,
-            "windows": len(windows), "prune_beta": beta, "scheme": scheme_summary(name)}
+            "windows": len(windows), "prune_beta": beta, "scheme": scheme_summary(name),
+            "calibration": None if name == "fp" else {"corpus": args.calib_corpus, "samples": args.calib_samples,
+                                                      "seq_len": args.calib_seq_len}}
     protocols = ["all-tokens"] + (["pruned-labels-dropped", "unpruned-on-kept-labels"] if beta > 0 else [])
     done = {record_key(r) for r in records}
     if all(record_key({**base, "protocol": p}) in done for p in protocols):
@@ -230,8 +232,6 @@ def evaluate(args, spec: str, corpus_name: str, records: list, partial: dict, lo
     per_window = per_window[:len(windows)]  # the sidecar may hold more windows from a longer run
     sparsity = sum(e["sparsity"] for e in per_window) / len(per_window)
     common = {**base, "token_sparsity": round(sparsity, 5),
-              "calibration": None if name == "fp" else {"corpus": args.calib_corpus, "samples": args.calib_samples,
-                                                        "seq_len": args.calib_seq_len},
               "seconds": round(sum(e["seconds"] for e in per_window), 1)}
     n_all = sum(e["n"] for e in per_window)
     new = [{**common, "protocol": "all-tokens", "tokens": n_all,

@@ -31,6 +31,8 @@ def plot_sparsity(records: list, path: Path, corpus: str = "handbook", config: s
     pruned = [r["windows"] for r in runs if r["prune_beta"] > 0] or [r["windows"] for r in runs]
     windows = max(set(pruned), key=lambda w: (pruned.count(w), w))
     runs = [r for r in runs if r["windows"] == windows]
+    calib = next((r.get("calibration") for r in runs if r["prune_beta"] > 0), None)
+    runs = [r for r in runs if calib is None or r.get("calibration") == calib]  # one calibration per curve
     fig, ax = plt.subplots(figsize=(6, 4))
     for protocol, style in (("all-tokens", "o-"), ("pruned-labels-dropped", "s--"), ("unpruned-on-kept-labels", "^:")):
         pts = sorted((r["token_sparsity"], r["ppl"]) for r in runs
