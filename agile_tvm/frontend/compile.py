@@ -24,7 +24,7 @@ def _tuned_kernels_line(mod) -> str | None:
         return None
     targets = sorted({m[1] for m in marks if len(m) > 1})
     if not targets:
-        return (f"tuned records: none for this target (no schedules/<target>/ records, or not a named target): "
+        return (f"tuned records: none for this target (no schedules/<target>/ records for its ISA, or --no-tuned): "
                 f"{len(marks)} static linear kernels keep their hand schedules")
     found = sum(m[0] == "record" for m in marks)
     return (f"tuned records: {found} of {len(marks)} static linear kernels (schedules/{targets[0]}); the rest "

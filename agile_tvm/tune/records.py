@@ -157,8 +157,9 @@ def tuned_func(func, target_name: str, db=None):
 class ScheduleRecords:
     """`schedules/<target>/` opened once for one model build: `tuned(func)` per kernel, counting what it found.
 
-    `for_target(target)` gives None when the target is not one of the named targets (e.g. "host": records are
-    tuned and kept per named target) or there are no records, so the caller keeps its hand schedules."""
+    `for_target(target)` gives None when there are no records, so the caller keeps its hand schedules. Records
+    are kept per named target; any other target (e.g. "host") uses the records of the named target with its
+    ISA family (`records_target_name`): the kernels' unscheduled TE, and so the records, depend only on that."""
 
     def __init__(self, target_name: str, db):
         self.target_name, self.db = target_name, db
@@ -167,9 +168,7 @@ class ScheduleRecords:
 
     @classmethod
     def for_target(cls, target):
-        from agile_tvm.tune.targets import target_name_of
-
-        name = target if isinstance(target, str) else target_name_of(target)
+        name = records_target_name(target)
         if name is None:
             return None
         db = schedule_database(name)  # a corrupt database is a UserError naming the file
@@ -180,6 +179,24 @@ class ScheduleRecords:
         got = tuned_func(func, self.target_name, self.db)
         self.found += got is not None
         return got
+
+
+def records_target_name(target) -> str | None:
+    """The named target whose `schedules/` records apply to `target`: itself when named, else the named target of
+    the same ISA family and architecture (e.g. host on an AVX2 machine -> x86-avx2), None when there is none."""
+    from agile_tvm.targets import TARGETS, get_target, isa_of
+    from agile_tvm.tune.targets import target_name_of
+
+    if isinstance(target, str) and target in TARGETS:
+        return target
+    target = get_target(target)
+    name = target_name_of(target)
+    if name is not None:
+        return name
+    arch = str(target.attrs.get("mtriple", "")).split("-")[0]
+    isa = isa_of(target)
+    return next((n for n, d in TARGETS.items() if d.get("mtriple", "").split("-")[0] == arch
+                 and isa_of(get_target(n)) == isa), None)
 
 
 def tuned_linear_func(wbits: int, N: int, K: int, M: int, target_name: str):
