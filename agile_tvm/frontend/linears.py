@@ -152,13 +152,15 @@ class LinearEmitter:
         collects every static kernel there (what `agile-tvm tune --model` tunes: `tune.workloads`)."""
         from agile_tvm.tune.records import ScheduleRecords
 
-        unscheduled = make(n_out, k, self.target, schedule=False, **options)
         specs = self.__dict__.get("kernel_specs")
-        if specs is not None:
-            specs[str(unscheduled.attrs["global_symbol"])] = dict(wbits=wbits, N=n_out, K=k, options=options)
         if "_schedule_records" not in self.__dict__:
             self._schedule_records = ScheduleRecords.for_target(self.target)
         records = self._schedule_records
+        if specs is None and records is None:
+            return None  # nothing to collect or look up: skip building the unscheduled twin
+        unscheduled = make(n_out, k, self.target, schedule=False, **options)
+        if specs is not None:
+            specs[str(unscheduled.attrs["global_symbol"])] = dict(wbits=wbits, N=n_out, K=k, options=options)
         if records is None:
             return None
         tuned = records.tuned(unscheduled)

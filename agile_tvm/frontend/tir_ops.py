@@ -582,32 +582,20 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 else:
                     O[0, g * group + r, d] = acc[r, d] / red[1]
 
-    if parallel:
-        @T.prim_func(private=True)
-        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
-            m = T.int64()
-            Q = T.match_buffer(q_h, (1, heads, head_dim), "float32")
-            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
-            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
-            SC = T.match_buffer(s_h, (3,), "float32")
-            SL = T.match_buffer(sl_h, (heads,), "float32")
-            O = T.match_buffer(o_h, (1, heads, head_dim), "float32")
-            for g in T.parallel(I64(kv_heads)):
-                one_kv_head(Q, K, V, SC, SL, O, m, g)
-    else:
-        @T.prim_func(private=True)
-        def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
-            T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
-            m = T.int64()
-            Q = T.match_buffer(q_h, (1, heads, head_dim), "float32")
-            K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
-            V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
-            SC = T.match_buffer(s_h, (3,), "float32")
-            SL = T.match_buffer(sl_h, (heads,), "float32")
-            O = T.match_buffer(o_h, (1, heads, head_dim), "float32")
-            for g in T.serial(I64(kv_heads)):
-                one_kv_head(Q, K, V, SC, SL, O, m, g)
+    over_kv_heads = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True)
+    def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        m = T.int64()
+        Q = T.match_buffer(q_h, (1, heads, head_dim), "float32")
+        K = T.match_buffer(k_h, (m, kv_heads, head_dim), kv_dtype)
+        V = T.match_buffer(v_h, (m, kv_heads, head_dim), kv_dtype)
+        SC = T.match_buffer(s_h, (3,), "float32")
+        SL = T.match_buffer(sl_h, (heads,), "float32")
+        O = T.match_buffer(o_h, (1, heads, head_dim), "float32")
+        for g in over_kv_heads(I64(kv_heads)):
+            one_kv_head(Q, K, V, SC, SL, O, m, g)
 
     return func
 
