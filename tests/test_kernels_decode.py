@@ -193,6 +193,50 @@ def test_quantizer_inside_the_gemv_is_the_token_quantizer(kind, wfmt):
         np.testing.assert_array_equal(got, (want.astype(np.float32) * s[0]).astype(np.float32))
 
 
+@needs_avx2
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("Ns", [[40], [48, 16, 20]])
+def test_zero_in_dot_gemv_equals_the_row_sum_gemv(compact, Ns):
+    # the decode GEMV without row sums (xq - zp inside the dot) against the one with them, bit for bit, on the
+    # codes and activations where int16 sums are tightest: all codes 0 or 15, activations spanning 0..255 with
+    # zp at either end (a one-signed row), and random ones; with one output and with fused q/k/v-like outputs
+    rng = np.random.default_rng(17)
+    K, gs = 128, 32
+    parts, cat, offsets, n_total = _fused_weights(Ns, K, gs, "nibble", rng)
+    outs = tuple(zip(offsets, Ns)) if len(Ns) > 1 else None
+    kw = dict(group_size=gs, act="token", has_wmin=True, wfmt="nibble", tables="tiled", m=1, x_float=True,
+              compact=compact, **({"outs": outs} if outs else {}))
+    with_sums = _make("w4a8", n_total if outs else Ns[0], K, **kw)
+    without = _make("w4a8", n_total if outs else Ns[0], K, zero_in_dot=True, **kw)
+    narrow = (lambda a: a.astype(np.int16 if a.dtype.kind == "i" else np.float16)) if compact else (lambda a: a)
+    for codes in ("random", "zeros", "fifteens"):
+        wpack = cat["wpack"] if codes == "random" else np.full_like(cat["wpack"], 0 if codes == "zeros" else 255)
+        wsum = cat["wsum"].copy()
+        if codes != "random":  # the row sums of constant codes (kernels with sums must see consistent ones)
+            wsum[:, 0] = 0 if codes == "zeros" else 15 * gs
+        for x_kind in ("random", "positive", "negative", "spread"):
+            x = rng.standard_normal((1, K)).astype(np.float32) * 4
+            x = {"positive": np.abs(x), "negative": -np.abs(x), "spread": np.linspace(-50, 9, K)[None]}.get(x_kind, x)
+            shift = rng.integers(0, 3, K).astype(np.uint8)
+            ys = [np.zeros((1, n), np.float32) for n in Ns]
+            tables = [narrow(cat["ws"]), narrow(cat["wm"])]
+            n_out = len(ys)
+            want = run(with_sums, [x.astype(np.float32), shift, wpack, narrow(wsum), *tables, *ys],
+                       tuple(range(6, 6 + n_out)) if outs else 6)
+            got = run(without, [x.astype(np.float32), shift, wpack, *tables, *ys],
+                      tuple(range(5, 5 + n_out)) if outs else 5)
+            for g, w in zip(got if outs else [got], want if outs else [want]):
+                np.testing.assert_array_equal(g, w, err_msg=f"codes={codes} x={x_kind}")
+
+
+@needs_avx2
+def test_zero_in_dot_option_errors():
+    with pytest.raises(UserError, match="zero_in_dot"):
+        _make("w4a8", 16, 64, act="token", has_wmin=True, wfmt="nibble", zero_in_dot=True)  # not a GEMV
+    with pytest.raises(UserError, match="zero_in_dot"):
+        _make("w4a8", 16, 64, act="token", m=1, wfmt="nibble", zero_in_dot=True)  # no float offsets
+
+
 def test_fusion_option_errors():
     with pytest.raises(UserError, match='tables="tiled"'):
         _make("w4a8", 16, 64, act="token", n_offset=8, n_total=32)

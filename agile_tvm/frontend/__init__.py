@@ -68,6 +68,9 @@ def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool
         "vocab_size": model.vocab,
         "kv_dtype": model.kv_dtype(ckpt),
         "weights": list(g.weights.arrays),
+        # the compiled functions skip checking their weights at every call (graph.with_num_inputs): the runtime
+        # checks these once at load
+        "weight_specs": [[list(a.shape), str(a.dtype)] for a in g.weights.arrays.values()],
         "pruning": pruning.to_dict() if pruning is not None else None,
     }
     if taps:

@@ -78,6 +78,17 @@ def kernels_module():
     return SimpleNamespace(integer=kernels, fp32=fp32)
 
 
+def with_num_inputs(mod: relax.IRModule, num_inputs: dict[str, int]) -> relax.IRModule:
+    """Mark each function's leading `num_inputs[name]` parameters as its inputs (Relax's "num_input" attribute), so
+    VMShapeLower checks only those at every call and skips the static-shape weights after them. Unmarked, a decode
+    step ran ~1,600 `check_tensor_info`/`match_shape` builtins on its ~300 weights, ~10% of the step; the runtime
+    checks the weights' shapes once when it loads them instead (`runtime.CompiledLM._load_weights`)."""
+    for name, count in num_inputs.items():
+        gv = mod.get_global_var(name)
+        mod[gv] = mod[gv].with_attr("num_input", count)
+    return mod
+
+
 class PruneState:
     """Token pruning while one function is emitted: which rows are still processed and which tokens they are."""
 
@@ -363,6 +374,7 @@ class GraphBuilder(LinearEmitter):
     # ---- functions ----------------------------------------------------------------------------------------------
     def build(self, model) -> relax.IRModule:
         """Emit forward_all, forward and create_kv_cache for `model` (an architecture builder)."""
+        num_inputs = {}
         for name, cached, static_n in (("forward_all", False, None), ("prefill", True, None), ("decode", True, 1)):
             self._function = name
             self.weights.begin_function()
@@ -400,6 +412,7 @@ class GraphBuilder(LinearEmitter):
                     out = self.bb.emit_output(out)
                 self.taps = [] if self.taps is not None else None
                 self.bb.emit_func_output(out, params=inputs + self.weights.function_params())
+            num_inputs[name] = len(inputs)
         self._function = None
         self._prune = None
         self.weights.begin_function()
@@ -414,4 +427,4 @@ class GraphBuilder(LinearEmitter):
                     "vm.builtin.attention_kv_cache_create", init, relax.ShapeExpr(shape), relax.prim_value(0),
                     ty_args=[relax.ObjectType()])))
             self.bb.emit_func_output(relax.Tuple(items))
-        return self.bb.get()
+        return with_num_inputs(self.bb.get(), num_inputs)

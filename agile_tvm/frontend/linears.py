@@ -50,10 +50,11 @@ class LinearEmitter:
         for p in prefixes:
             self.tap(p + ":in", x)
         if self._decode_m():
+            zid = self._zero_in_dot(specs, k)
             gv = self._linear_kernel(specs[0], k, fused["n_total"], name=fused["name"], fused_specs=specs,
-                                     outs=fused["outs"], x_float=True)
+                                     outs=fused["outs"], x_float=True, **({"zero_in_dot": True} if zid else {}))
             args = [x, self.w(specs[0].prefix + ".act_shift", self._act_shift(specs[0].prefix, k))]
-            args += self._weight_args(fused["name"], specs[0])
+            args += self._weight_args(fused["name"], specs[0], wsum=not zid)
             out = self.emit(relax.call_tir(gv, args, [relax.TensorType([1, n], "float32") for n in n_outs]))
             return [self.emit(relax.TupleGetItem(out, j)) for j in range(len(n_outs))]
         xq, scale, zero, xsum = self.quantize_act_token(x, specs[0], k)
@@ -87,8 +88,9 @@ class LinearEmitter:
         p = spec.prefix
         self.tap(p + ":in", x)
         if spec.act == "token" and self._decode_m():
-            gv = self._linear_kernel(spec, k, n_out, x_float=True)
-            args = [x, self.w(p + ".act_shift", self._act_shift(p, k)), *self._weight_args(p, spec)]
+            zid = self._zero_in_dot([spec], k)
+            gv = self._linear_kernel(spec, k, n_out, x_float=True, **({"zero_in_dot": True} if zid else {}))
+            args = [x, self.w(p + ".act_shift", self._act_shift(p, k)), *self._weight_args(p, spec, wsum=not zid)]
             return self.emit(relax.call_tir(gv, args, relax.TensorType([1, n_out], "float32")))
         gv = self._linear_kernel(spec, k, n_out)
         if spec.act == "token":
@@ -98,9 +100,11 @@ class LinearEmitter:
         args = [xq, *self._weight_args(p, spec, [scale, zero] + ([xsum] if spec.float_zero else []))]
         return self.emit(relax.call_tir(gv, args, relax.TensorType([self.n, n_out], "float32")))
 
-    def _weight_args(self, name: str, spec: LinearSpec, act_args=()) -> list:
-        """(wpack, wsum, wscale, [wmin], *act_args, [bias]) of linear (or fused linears) `name`."""
-        args = [self.w(name + ".wpack"), self.w(name + ".wsum"), self.w(name + ".wscale" + TILED)]
+    def _weight_args(self, name: str, spec: LinearSpec, act_args=(), wsum: bool = True) -> list:
+        """(wpack, [wsum], wscale, [wmin], *act_args, [bias]) of linear (or fused linears) `name`; `wsum=False`
+        for a GEMV with the zero point inside its dot (`_zero_in_dot`)."""
+        args = [self.w(name + ".wpack")] + ([self.w(name + ".wsum")] if wsum else []) \
+            + [self.w(name + ".wscale" + TILED)]
         args += [self.w(name + ".wmin" + TILED)] if spec.float_zero else []
         return args + list(act_args) + ([self.w(name + ".bias")] if spec.has_bias else [])
 
@@ -186,6 +190,16 @@ class LinearEmitter:
                 tables[".wmin" + TILED] = np.asarray(self.ckpt.tensor(p + ".wmin"), np.float32)
             cache[spec.prefix] = (packed["wpack"], tables)
         return cache[spec.prefix]
+
+    def _zero_in_dot(self, specs: list[LinearSpec], k: int) -> bool:
+        """Whether the decode GEMV of `specs` can run with the activation zero point inside its dot and so read no
+        row sums (`kernels.linear` ``zero_in_dot``): nibble weights with float offsets and wzero = 0 in every group
+        (the contract's v2 weights), where the results are bit for bit the row-sum kernel's. It reads 5 bits per
+        weight instead of 6: the row sums were a sixth of what a W4 GEMV reads."""
+        wfmt = self._weight_format(specs[0], k)
+        if wfmt != "nibble" or not all(s.float_zero and s.act == "token" for s in specs):
+            return False
+        return all(bool(np.all(self._packed(s, wfmt)[1][".wsum"][:, 1] == 8)) for s in specs)
 
     def _compact(self, specs: list[LinearSpec], wfmt: str) -> bool:
         """Whether the linears' tables are exact in 16 bits (float16 scales/offsets, as weights born in fp16 blocks

@@ -11,6 +11,7 @@ the loop nest computes, used for pattern matching) plus an implementation (one o
 | ``agile_i16_avx512_16x2``  | AVX-512BW | s16 x s16 -> s32, k = 2: ``vpmaddwd``      | [16, 2] int16 |
 | ``agile_i16_avx2_8x2``     | AVX2      | same on ymm                                | [8, 2] int16 |
 | ``agile_s8s8_avx2_8x4``    | AVX2      | s8 x s8 -> s32, k = 4: 2 ``vpsignb`` + u8i8's two | [8, 4] int8 |
+| ``agile_u4x4zp_avx2_8x16`` | AVX2      | (u8 - zp) x u4 -> s32, k = 16, nibbles: the GEMV without row sums | 64 bytes |
 | ``agile_sdot_4x4``         | AArch64 +dotprod | s8 x s8 -> s32, k = 4: ``sdot``     | [4, 4] int8 |
 | ``agile_neon_smull_4x4``   | AArch64 NEON     | same: ``smull`` + ``saddlp`` + ``addp`` | [4, 4] int8 |
 
@@ -147,13 +148,45 @@ def _nibble_desc(lanes: int):
     return desc
 
 
-def _nibble_impl(lanes: int):
-    """Unpack 4 [lanes, 4] tiles of 4-bit codes from two registers of nibbles, then the x4 pmaddubsw step."""
+def _nibble_codes(B, lanes: int) -> list:
+    """The 4 [lanes, 4] tiles of 4-bit codes (uint8 vectors) in two registers of nibbles B[0 : 8 * lanes]."""
+    bits, half = lanes * 32, 4 * lanes
+    u8v = f"uint8x{bits // 8}"
+    b02, b13 = B.vload([0], u8v), B.vload([half], u8v)
+    m15, four = T.broadcast(T.uint8(15), bits // 8), T.broadcast(T.uint8(4), bits // 8)
+    return [b02 & m15, b13 & m15, T.shift_right(b02, four), T.shift_right(b13, four)]
+
+
+def _nibble_dot(A, B, lanes: int):
+    """sum_{k < 16} A[k] * u(k, i) per lane as int32: four pmaddubsw summed in int16 (|sum| <= 4 * 7650), one
+    pmaddwd."""
     bits = lanes * 32
-    half = 4 * lanes
     ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
     wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
     u8v, i8v, i16v, i32v = (f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}", f"int32x{lanes}")
+    a = [T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([4 * j], "uint8x4")), lanes))
+         for j in range(4)]
+    t = [T.reinterpret(i8v, u) for u in _nibble_codes(B, lanes)]
+    p01 = T.call_llvm_pure_intrin(i16v, ub, a[0], t[0]) + T.call_llvm_pure_intrin(i16v, ub, a[1], t[1])
+    p23 = T.call_llvm_pure_intrin(i16v, ub, a[2], t[2]) + T.call_llvm_pure_intrin(i16v, ub, a[3], t[3])
+    return T.call_llvm_pure_intrin(i32v, wd, p01 + p23, T.broadcast(T.int16(1), bits // 16))
+
+
+def _nibble_zero_term(Z, B, lanes: int):
+    """Z[0] * sum_{k < 16} u(k, i) per lane as int32: the codes of the 4 tiles added as bytes (<= 60), pmaddubsw
+    with ones to int16 pairs, pmaddwd with zp."""
+    bits = lanes * 32
+    ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    i16v, i32v = f"int16x{bits // 16}", f"int32x{lanes}"
+    u = _nibble_codes(B, lanes)
+    pairs = T.call_llvm_pure_intrin(i16v, ub, (u[0] + u[1]) + (u[2] + u[3]), T.broadcast(T.int8(1), bits // 8))
+    return T.call_llvm_pure_intrin(i32v, wd, pairs, T.broadcast(T.Cast("int16", Z[0]), bits // 16))
+
+
+def _nibble_impl(lanes: int):
+    """Unpack 4 [lanes, 4] tiles of 4-bit codes from two registers of nibbles, then the x4 pmaddubsw step."""
+    half = 4 * lanes
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -163,22 +196,51 @@ def _nibble_impl(lanes: int):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:16], B[0 : 2 * half])
             T.writes(C[0:lanes])
-            a0 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), lanes))
-            a1 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([4], "uint8x4")), lanes))
-            a2 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([8], "uint8x4")), lanes))
-            a3 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([12], "uint8x4")), lanes))
-            b02 = B.vload([0], u8v)
-            b13 = B.vload([half], u8v)
-            m15 = T.broadcast(T.uint8(15), bits // 8)
-            t0 = T.reinterpret(i8v, b02 & m15)
-            t1 = T.reinterpret(i8v, b13 & m15)
-            t2 = T.reinterpret(i8v, T.shift_right(b02, T.broadcast(T.uint8(4), bits // 8)))
-            t3 = T.reinterpret(i8v, T.shift_right(b13, T.broadcast(T.uint8(4), bits // 8)))
-            p01 = T.call_llvm_pure_intrin(i16v, ub, a0, t0) + T.call_llvm_pure_intrin(i16v, ub, a1, t1)
-            p23 = T.call_llvm_pure_intrin(i16v, ub, a2, t2) + T.call_llvm_pure_intrin(i16v, ub, a3, t3)
-            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
-                i32v, wd, p01 + p23, T.broadcast(T.int16(1), bits // 16)
-            )
+            C[T.ramp(0, 1, lanes)] = C.vload([0], f"int32x{lanes}") + _nibble_dot(A, B, lanes)
+
+    return impl
+
+
+def _nibble_zp_desc(lanes: int):
+    """C[i] += sum_{k < 16} (A[k] - Z[0]) * u(k, i): the nibble dot with the activation zero point inside."""
+    half = 4 * lanes
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, z: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        Z = T.match_buffer(z, (1,), "int32", offset_factor=1)
+        B = T.match_buffer(b, (2 * half,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], Z[0:1], B[0 : 2 * half])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 16):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + (T.Cast("int32", A[vk]) - Z[0]) * T.Cast(
+                        "int32",
+                        T.shift_right(B[vk // 4 % 2 * half + vi * 4 + vk % 4], T.Cast("uint8", vk // 8 * 4))
+                        & T.uint8(15),
+                    )
+
+    return desc
+
+
+def _nibble_zp_impl(lanes: int):
+    """The nibble step minus zp * (the lane's 16 codes summed), so the GEMV needs no stored row sums."""
+    half = 4 * lanes
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, z: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        Z = T.match_buffer(z, (1,), "int32", offset_factor=1)
+        B = T.match_buffer(b, (2 * half,), "uint8", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], Z[0:1], B[0 : 2 * half])
+            T.writes(C[0:lanes])
+            C[T.ramp(0, 1, lanes)] = (C.vload([0], f"int32x{lanes}") + _nibble_dot(A, B, lanes)
+                                      - _nibble_zero_term(Z, B, lanes))
 
     return impl
 
@@ -286,6 +348,9 @@ DOT_X4_INTRINSICS = {"avx512": ("agile_u8i8x4_avx512_16x16", 16), "avx2": ("agil
 #: Nibble-packed W4A8 (4-bit weights read straight from memory): x86 only, k per step 16.
 NIBBLE_INTRINSICS = {"avx512": ("agile_u4x4_avx512_16x16", 16), "avx2": ("agile_u4x4_avx2_8x16", 8)}
 
+#: The nibble GEMV step with the activation zero point inside the dot (``zero_in_dot``: no stored row sums).
+NIBBLE_ZP_INTRINSICS = {"avx512": ("agile_u4x4zp_avx512_16x16", 16), "avx2": ("agile_u4x4zp_avx2_8x16", 8)}
+
 #: Signed activation bytes times int8 weights on x86 (W8A8 in int8 tiles, ``layout.signed_x86_w8``), k = 4.
 SIGNED_X86_INTRINSICS = {"avx2": ("agile_s8s8_avx2_8x4", 8)}
 
@@ -318,5 +383,7 @@ def register_all() -> None:
         TensorIntrin.register(name, _dot_desc(lanes, 4, "int8", "int8"), _psign_pmaddubsw_impl(lanes), override=True)
     for name, lanes in NIBBLE_INTRINSICS.values():
         TensorIntrin.register(name, _nibble_desc(lanes), _nibble_impl(lanes), override=True)
+    for name, lanes in NIBBLE_ZP_INTRINSICS.values():
+        TensorIntrin.register(name, _nibble_zp_desc(lanes), _nibble_zp_impl(lanes), override=True)
     for name, lanes in DOT_X4_INTRINSICS.values():
         TensorIntrin.register(name, _dot_desc_x4(lanes), _pmaddubsw_x4_impl(lanes), override=True)

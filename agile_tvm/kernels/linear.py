@@ -98,6 +98,18 @@ def _dot_nibble(M, G, gs, n_pad, nb, act, wpack):
     )
 
 
+def _dot_nibble_zp(M, G, gs, n_pad, nb, act, ap, wpack):
+    """dot = sum_k (xq - zp) * u over 4-bit codes (``zero_in_dot``): the zero-point correction happens in the dot
+    (``intrin.NIBBLE_ZP_INTRINSICS``), so the GEMV reads no row sums of the codes."""
+    k = te.reduce_axis((0, gs), name="k")
+    return te.compute(
+        (M, G, n_pad),
+        lambda i, g, n: te.sum((act[i, g * gs + k].astype("int32") - ap.zp(i))
+                               * _nibble(wpack, nb, n, g * gs + k).astype("int32"), axis=k),
+        name="dot",
+    )
+
+
 def _unpacked_nibbles(wpack, n_pad, K, nb, minus: int):
     """The codes u - ``minus`` as int8 [nb, 4] tiles (the int8 layout): the GEMM unpacks each panel once into L1
     and runs the int8 micro-kernel over all rows, instead of unpacking in registers once per row."""
@@ -276,8 +288,12 @@ def _decoded_nibble_v2(dot, wsum, wscale, wmin, ap, G, gs, n_pad):
     return (lambda i, n, g: dot[i, g, n].astype(F32) - ap.zp(i).astype(F32) * wsum0_t[g, n]), wmin_t
 
 
-def _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact):
+def _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact, zero_in_dot=False,
+                  wfmt=None, has_wmin=False):
     """Validate the options that let one kernel serve part of, or several of, linears sharing an input."""
+    if zero_in_dot and (wfmt != "nibble" or m != 1 or not has_wmin):
+        raise UserError('zero_in_dot is for the decode GEMV over nibble weights with float offsets: pass '
+                        'wfmt="nibble", m=1, act="token", has_wmin=True')
     if (n_offset or n_total or outs or compact) and tables != "tiled":
         raise UserError('slices of concatenated weights (n_offset, n_total, outs) and compact tables need '
                         'tables="tiled"')
@@ -294,7 +310,7 @@ def _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_flo
 
 def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant=False, m=None, name="linear",
                    wfmt=None, act="tensor", has_wmin=False, tables="ng", n_offset=0, n_total=None, outs=None,
-                   x_float=False, a_bits=8, compact=False):
+                   x_float=False, a_bits=8, compact=False, zero_in_dot=False):
     """TE description of the quantized linear; returns (args, info) with the stage names the schedule uses.
 
     ``wfmt="nibble"`` (W4A8 on x86, group size % 16 == 0): weights stay 4-bit in memory (layout.py) and are
@@ -310,7 +326,10 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
     over all N write one output per linear; ``x_float`` takes the float input x f32[M, K] and act_shift u8[K]
     and quantizes it inside (v2 per token, ``a_bits``), instead of xq, act_scale, act_zero and xsum.
     ``compact`` (tiled tables): wscale/wmin stored float16 and wsum int16 (``COMPACT``), half the table bytes
-    a GEMV reads; the caller guarantees the values are exact in 16 bits (results are then bit-identical)."""
+    a GEMV reads; the caller guarantees the values are exact in 16 bits (results are then bit-identical).
+    ``zero_in_dot`` (decode GEMV, nibbles, float offsets): the dot runs over xq - zp, so the kernel takes no wsum
+    (a sixth of the bytes a W4 GEMV reads); the caller guarantees wzero = 0 (wsum[:, 1] == 8), then the results
+    equal the wsum kernel's bit for bit (every term is an exact integer in float32)."""
     check_v2_options(act, has_wmin, requant)
     gs, G = layout.check_linear_shape(N, K, group_size)
     wfmt = wfmt or layout.default_wfmt(isa, wbits)
@@ -325,7 +344,8 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
     if tables not in ("ng", "tiled"):
         raise UserError(f'tables must be "ng" ([N, G] as in the checkpoint) or "tiled" (layout.tile_tables), '
                         f"got {tables!r}")
-    _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact)
+    _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact, zero_in_dot, wfmt,
+                  has_wmin)
     n_all = n_total or n_pad  # channels held by the weight arrays
     M = _m_var(m)
     if x_float:
@@ -348,12 +368,13 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
     wpack = _TileOffset(wpack_p, n_offset // nb) if n_offset else wpack_p
     wscale_p, wscale = _table("wscale", (rows, G), F32, tables, nb, n_pad, **tab)
     wmin_p, wmin = _table("wmin", (rows, G), F32, tables, nb, n_pad, **tab) if has_wmin else (None, None)
+    wsum_args = [] if zero_in_dot else [wsum_p]
     if x_float:
         xsum = xsum_q if has_wmin else None
-        args = [x, act_shift, wpack_p, wsum_p, wscale_p] + ([wmin_p] if has_wmin else [])
+        args = [x, act_shift, wpack_p, *wsum_args, wscale_p] + ([wmin_p] if has_wmin else [])
     else:
         xsum = te.placeholder((M, G), "int32", name="xsum") if has_wmin else None
-        args = [xq, wpack_p, wsum_p, wscale_p] + ([wmin_p] if has_wmin else []) + [ap.scale, ap.zero] \
+        args = [xq, wpack_p, *wsum_args, wscale_p] + ([wmin_p] if has_wmin else []) + [ap.scale, ap.zero] \
             + ([xsum] if has_wmin else [])
 
     # No row tiling: a predicate on a ragged last row tile defeats tensorize, and a padded row tile defeats the
@@ -368,6 +389,8 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
     decoded_v2 = decoded and has_wmin
     if decoded:
         dot = _dot_int8(M, G, gs, n_pad, nb, kk, a, _unpacked_nibbles(wpack, n_pad, K, nb, 8 if decoded_v2 else 0))
+    elif zero_in_dot:
+        dot = _dot_nibble_zp(M, G, gs, n_pad, nb, a, ap, wpack)
     elif wfmt == "nibble":
         dot = _dot_nibble(M, G, gs, n_pad, nb, a, wpack)
     else:
@@ -383,12 +406,15 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
             acc_f32 = _grouped_acc_int8(dot, wsum, ap, G, n_pad, o, _exact_in_f32(gs, wbits))
         elif decoded_v2:
             acc_f32, wmin_t = _decoded_nibble_v2(dot, wsum, wscale, wmin, ap, G, gs, n_pad)
+        elif zero_in_dot:  # acc = sum (xq - zp) * (u - 8) = dot - 8 * xsum (wzero = 0), exact in float32
+            acc_f32 = lambda i, n, g: (dot[i, g, n].astype(F32)  # noqa: E731
+                                       - tirx.const(8.0, F32) * xsum[i, g].astype(F32))
         elif has_wmin:
             acc_f32 = _grouped_acc_nibble_xsum(dot, xsum, wsum, ap, G, gs, n_pad)
         else:
             acc_f32 = _grouped_acc_nibble(dot, xqsum, wsum, ap, G, gs, n_pad)
-        stages = ["wscale_t"] + ([] if decoded_v2 else ["wsum_t"]) + (["wsum0_t"] if wfmt == "nibble" else []) \
-            + (["wmin_t"] if has_wmin else [])
+        stages = ["wscale_t"] + ([] if decoded_v2 or zero_in_dot else ["wsum_t"]) \
+            + (["wsum0_t"] if wfmt == "nibble" and not zero_in_dot else []) + (["wmin_t"] if has_wmin else [])
         gr = te.reduce_axis((0, G), name="gr")
         if has_wmin:
             # two terms per group, each FMA'd into the float tile (the order of a float sum is free)
@@ -426,7 +452,7 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
                     signed_act=bool(o), decoded=decoded, has_xqsum=xqsum is not None,
                     has_wmin=has_wmin,
                     tables=tables, stages=stages, requant=False, isa=isa, wbits=wbits, m=m, N=N, K=K, name=name,
-                    outs=len(ys), x_float=x_float)
+                    outs=len(ys), x_float=x_float, zero_in_dot=zero_in_dot)
         return args, info
     y = te.compute((M, N), y_of, name="y")
     out = y
@@ -445,15 +471,16 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
                 signed_act=bool(o), decoded=decoded, has_xqsum=xqsum is not None,
                 has_wmin=has_wmin, tables=tables,
                 stages=stages, requant=requant, isa=isa, wbits=wbits, m=m, N=N, K=K, name=name, outs=0,
-                x_float=x_float)
+                x_float=x_float, zero_in_dot=zero_in_dot)
     return args, info
 
 
-def _fusion_suffix(n_offset=0, n_total=None, outs=None, x_float=False, a_bits=8, compact=False) -> str:
+def _fusion_suffix(n_offset=0, n_total=None, outs=None, x_float=False, a_bits=8, compact=False,
+                   zero_in_dot=False) -> str:
     """The part of a kernel's name that says which slice / outputs / input form / table width it has."""
     return ((f"_of{n_offset}of{n_total}" if n_total else "") + ("_o" + "_".join(str(int(n)) for _, n in outs)
                                                                   if outs else "")
-            + (f"_xf{a_bits}" if x_float else "") + ("_c16" if compact else ""))
+            + (f"_xf{a_bits}" if x_float else "") + ("_c16" if compact else "") + ("_zd" if zero_in_dot else ""))
 
 
 def _linear_func(wbits, N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt=None,

@@ -218,7 +218,8 @@ def _schedule_grouped(sch, info, nt, chunks):
     if info["wfmt"] == "nibble" and not info["decoded"]:  # 16 k of 4-bit codes per step, unpacked in registers
         sch.decompose_reduction(dot, ko)
         intrin.register_all()
-        sch.tensorize(dni, intrin.NIBBLE_INTRINSICS[info["isa"]][0])
+        table = intrin.NIBBLE_ZP_INTRINSICS if info.get("zero_in_dot") else intrin.NIBBLE_INTRINSICS
+        sch.tensorize(dni, table[info["isa"]][0])
         sch.unroll(dnoi)
     else:
         _tile_dot(sch, dot, info, ko, dnoi, dni, ki)

@@ -124,6 +124,13 @@ class CompiledLM:
         if missing:
             raise UserError(f"the weight file {path} lacks {len(missing)} tensors (e.g. {missing[0]!r}): "
                             f"it does not belong to this module, export it again")
+        specs = self.manifest.get("weight_specs")  # absent in modules exported before it existed
+        for i, name in enumerate(self.manifest["weights"] if specs else []):
+            shape, dtype = specs[i]
+            if list(arrays[name].shape) != list(shape) or str(arrays[name].dtype) != dtype:
+                raise UserError(f"the weight {name!r} in {path} is {arrays[name].dtype} {list(arrays[name].shape)}, "
+                                f"but the module was compiled for {dtype} {list(shape)}: the weight file belongs to "
+                                f"another export; export the module again")
         return [tvm.runtime.tensor(arrays[n], self.device) for n in self.manifest["weights"]]
 
     # ---- inputs ---------------------------------------------------------------------------------------------
