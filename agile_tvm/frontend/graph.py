@@ -291,7 +291,7 @@ class GraphBuilder(LinearEmitter):
         if self._uses_decode_attention(head_dim, first_probs, key_positions):
             gv = self.tir(f"attention_decode_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}"
                           f"{'_alibi' if alibi else ''}",
-                          tir_ops.attention_decode(heads, kv_heads, head_dim, kv_dtype, bits, alibi))
+                          tir_ops.attention_decode(heads, kv_heads, head_dim, kv_dtype, bits, alibi, parallel=True))
         else:
             int16_dot = self._has_pmaddwd()
             gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}"

@@ -498,11 +498,13 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
        kernel's lane sums, same order), INT8: weight 2^-c of the log2 code (`_log2_weight`); out += w_j * v_j,
        skipped for w_j = 0 (adding 0 changes nothing).
     3. out = acc * v_scale * pmax (pmax = 1 / sum of the lanes in order) for INT8, acc / sum for float.
-    `parallel`: one parallel task per KV head. Off in models: at 512 keys (SmolLM2, 9 heads / 3 KV heads, shared
-    2-core machine) the serial loop took 33 us at 1 thread and 37 us at 2, the parallel one 35 and 47 us (the
-    blocked kernel: 76 us and 105 us).
+    `parallel` (the models' choice): one parallel task per query head (each head's arithmetic is the same as in
+    the serial form, so the results are too); without it one serial pass per KV head, its query heads sharing each
+    K/V row load. SmolLM2's 9 heads / 3 KV heads on 2 threads, parallel vs serial: 7 vs 10 us at 128 keys, 25 vs
+    34 at 512, 96-116 vs 136-149 at 2048 (one run, quiet machine).
     """
     group = heads // kv_heads
+    rows = 1 if parallel else group  # query heads per pass
     inv_sqrt = 1.0 / math.sqrt(head_dim)
     top = 2**softmax_bits - 1
     quant = kv_dtype == "int8"
@@ -514,33 +516,33 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
     I64 = T.int64
 
     @T.macro
-    def one_kv_head(Q, K, V, SC, SL, O, m, g):
-        qf = T.decl_buffer((group, head_dim), "float32")
-        sc = T.decl_buffer((group, m + lanes), "float32")
-        acc = T.decl_buffer((group, head_dim), "float32")
-        part = T.decl_buffer((group, lanes), "float32", scope="local")
+    def one_pass(Q, K, V, SC, SL, O, m, h0, g):
+        qf = T.decl_buffer((rows, head_dim), "float32")
+        sc = T.decl_buffer((rows, m + lanes), "float32")
+        acc = T.decl_buffer((rows, head_dim), "float32")
+        part = T.decl_buffer((rows, lanes), "float32", scope="local")
         row = T.decl_buffer((head_dim,), "float32", scope="local")  # the K or V row being used, as float32
-        rmax = T.decl_buffer((group, lanes), "float32")
-        rsum = T.decl_buffer((group, lanes), "float32")
-        w = T.decl_buffer((group, lanes), "float32")
+        rmax = T.decl_buffer((rows, lanes), "float32")
+        rsum = T.decl_buffer((rows, lanes), "float32")
+        w = T.decl_buffer((rows, lanes), "float32")
         red = T.decl_buffer((2,), "float32")
         if quant:
             red[0] = SC[0] * SC[1] * T.float32(inv_sqrt)
         else:
             red[0] = T.float32(inv_sqrt)
-        for r in T.serial(I64(group)):
+        for r in T.serial(I64(rows)):
             for d in T.vectorized(I64(head_dim)):
                 if quant:
-                    qf[r, d] = T.max(T.min(T.floor(Q[0, g * group + r, d] / SC[0] + T.float32(0.5)),
+                    qf[r, d] = T.max(T.min(T.floor(Q[0, h0 + r, d] / SC[0] + T.float32(0.5)),
                                            T.float32(127)), T.float32(-127))
                 else:
-                    qf[r, d] = Q[0, g * group + r, d]
+                    qf[r, d] = Q[0, h0 + r, d]
                 acc[r, d] = T.float32(0)
             for l in T.vectorized(I64(lanes)):
                 rmax[r, l] = T.float32(-3.0e38)
                 rsum[r, l] = T.float32(0)
         for j in T.serial(m):
-            for r in T.unroll(I64(group)):
+            for r in T.unroll(I64(rows)):
                 for l in T.vectorized(I64(lanes)):
                     part[r, l] = qf[r, l] * T.Cast("float32", K[j, g, l])
                 for c in T.unroll(I64(1), I64(chunks)):
@@ -552,15 +554,15 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                     part[r, l] = part[r, l] + part[r, l + 2]
                 sc[r, j] = (part[r, 0] + part[r, 1]) * red[0]
                 if use_alibi:
-                    sc[r, j] = sc[r, j] + SL[g * group + r] * T.Cast("float32", j)
+                    sc[r, j] = sc[r, j] + SL[h0 + r] * T.Cast("float32", j)
                 rmax[r, j % lanes] = T.max(rmax[r, j % lanes], sc[r, j])
-        for r in T.serial(I64(group)):
+        for r in T.serial(I64(rows)):
             red[1] = T.float32(-3.0e38)
             for l in T.serial(I64(lanes)):
                 red[1] = T.max(red[1], rmax[r, l])
             rmax[r, 0] = red[1]
         for b in T.serial((m + lanes - 1) // lanes):
-            for r in T.unroll(I64(group)):
+            for r in T.unroll(I64(rows)):
                 for l in T.vectorized(I64(lanes)):
                     w[r, l] = T.Select(b * lanes + l < m, _exp_nonpositive(sc[r, b * lanes + l] - rmax[r, 0]),
                                        T.float32(0))
@@ -568,21 +570,20 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                     if quant:
                         w[r, l] = _log2_weight(w[r, l], top)
             for jj in T.serial(T.min(I64(lanes), m - b * lanes)):
-                for r in T.unroll(I64(group)):
+                for r in T.unroll(I64(rows)):
                     if w[r, jj] > T.float32(0):
                         for d in T.vectorized(I64(head_dim)):
                             acc[r, d] = acc[r, d] + w[r, jj] * T.Cast("float32", V[b * lanes + jj, g, d])
-        for r in T.serial(I64(group)):
+        for r in T.serial(I64(rows)):
             red[1] = T.float32(0)
             for l in T.serial(I64(lanes)):
                 red[1] = red[1] + rsum[r, l]
             for d in T.vectorized(I64(head_dim)):
                 if quant:
-                    O[0, g * group + r, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
+                    O[0, h0 + r, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
                 else:
-                    O[0, g * group + r, d] = acc[r, d] / red[1]
+                    O[0, h0 + r, d] = acc[r, d] / red[1]
 
-    over_kv_heads = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def func(q_h: T.handle, k_h: T.handle, v_h: T.handle, s_h: T.handle, sl_h: T.handle, o_h: T.handle):
@@ -594,8 +595,12 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
         SC = T.match_buffer(s_h, (3,), "float32")
         SL = T.match_buffer(sl_h, (heads,), "float32")
         O = T.match_buffer(o_h, (1, heads, head_dim), "float32")
-        for g in over_kv_heads(I64(kv_heads)):
-            one_kv_head(Q, K, V, SC, SL, O, m, g)
+        if parallel:
+            for h in T.parallel(I64(heads)):
+                one_pass(Q, K, V, SC, SL, O, m, h, h // group)
+        else:
+            for g in T.serial(I64(kv_heads)):
+                one_pass(Q, K, V, SC, SL, O, m, g * group, g)
 
     return func
 
