@@ -41,6 +41,25 @@ def test_rounds_interleave_engines_and_report_medians():
     assert records[0]["prefill_ms_rounds"] == [5.0, 1.0, 9.0]
 
 
+def test_round_ratios_pair_the_rounds():
+    # torch is 2x slower than tvm in every round although both drift: the per-round ratio stays 2.0, while the
+    # fastest peer (torch-int8 by median) and the fastest decoder (Q8_0) and Q4_1 are named
+    def rec(impl, config, prefill, decode=None):
+        return {"impl": impl, "config": config, "tokens": 8, "prefill_ms": sorted(prefill)[1],
+                "prefill_ms_rounds": prefill, "decode_tok_s": decode and sorted(decode)[1],
+                "decode_tok_s_rounds": decode}
+
+    records = [rec("torch", "fp32", [20.0, 40.0, 80.0]), rec("torch-int8", "int8", [15.0, 30.0, 45.0]),
+               rec("llama.cpp", "Q8_0", [50.0, 50.0, 50.0], [100.0, 100.0, 100.0]),
+               rec("llama.cpp", "Q4_1", [90.0, 90.0, 90.0], [50.0, 80.0, 100.0]),
+               rec("tvm", "agileq8", [10.0, 20.0, 40.0], [100.0, 120.0, 150.0])]
+    lines = bench.round_ratios(records)
+    assert lines[0] == ("tvm agileq8 prefill 8, per round: 2.00x (2.00-2.00) torch fp32, "
+                        "1.50x (1.12-1.50) torch-int8 int8")
+    assert lines[1] == ("tvm agileq8 decode, per round: 1.20x (1.00-1.50) llama.cpp Q8_0, "
+                        "1.50x (1.50-2.00) llama.cpp Q4_1")
+
+
 @pytest.fixture
 def fake_llama_bench(tmp_path, monkeypatch):
     """A llama-bench stand-in that prints one JSON result the way the real one does (`-o json`)."""

@@ -223,30 +223,37 @@ def run_bench(modules, tokens, decode_tokens, peers, model_spec, rounds, output)
     os.replace(tmp, out)
     print(f"wrote {len(records)} records to {out}")
     print(format_table(records))
+    print("\n".join(round_ratios(records)))
     return records
 
 
-def format_table(records: list[dict]) -> str:
-    """A markdown table: one row per engine, prefill tok/s per length, decode tok/s, size, ratio to torch FP32."""
-    engines: dict = {}
-    lengths = sorted({r["tokens"] for r in records})
-    for r in records:
-        engines.setdefault((r["impl"], r["config"]), {})[r["tokens"]] = r
-    ref = engines.get(("torch", "fp32"), {})
-    head = "| engine | size MB | " + " | ".join(f"prefill {n} (ms, tok/s)" for n in lengths) + " | decode tok/s |"
-    lines = [head, "|" + "---|" * (3 + len(lengths))]
-    for (impl, cfg), by_n in engines.items():
-        cells = []
-        for n in lengths:
-            r = by_n.get(n)
-            if r is None:
-                cells.append("-")
-                continue
-            ratio = ""
-            if n in ref and impl != "torch":
-                ratio = f", {ref[n]['prefill_ms'] / r['prefill_ms']:.2f}x torch"
-            cells.append(f"{r['prefill_ms']:.0f} ms, {n / r['prefill_ms'] * 1e3:.0f}{ratio}")
-        dec = next((r["decode_tok_s"] for r in by_n.values() if r["decode_tok_s"]), None)
-        size = next(iter(by_n.values()))["size_mb"]
-        lines.append(f"| {impl} {cfg} | {size:.0f} | " + " | ".join(cells) + f" | {dec if dec else '-'} |")
-    return "\n".join(lines)
+def round_ratios(records: list[dict]) -> list[str]:
+    """Per agile-tvm engine, its ratios to eager torch FP32 and to the fastest peer (prefill), and to the fastest
+    decoding peer and llama.cpp Q4_1 (decode), computed round by round (each round timed every engine back to back)
+    as 'median (min-max)': steadier than a ratio of medians when the machine's speed drifts between rounds."""
+    def spread(xs):
+        return f"{statistics.median(xs):.2f}x ({min(xs):.2f}-{max(xs):.2f})"
+
+    def unique(rs):
+        return list({(r["impl"], r["config"]): r for r in rs}.values())
+
+    peers = [r for r in records if r["impl"] != "tvm"]
+    lines = []
+    for rec in (r for r in records if r["impl"] == "tvm"):
+        n, label, mine = rec["tokens"], f"tvm {rec['config']}", rec["prefill_ms_rounds"]
+        at_n = [p for p in peers if p["tokens"] == n and len(p.get("prefill_ms_rounds", [])) == len(mine)]
+        refs = unique([p for p in at_n if (p["impl"], p["config"]) == ("torch", "fp32")]
+                      + ([min(at_n, key=lambda p: p["prefill_ms"])] if at_n else []))
+        if refs:
+            lines.append(f"{label} prefill {n}, per round: " + ", ".join(
+                f"{spread([a / b for a, b in zip(p['prefill_ms_rounds'], mine)])} {p['impl']} {p['config']}"
+                for p in refs))
+        mine = rec.get("decode_tok_s_rounds")
+        decoding = [p for p in peers if mine and len(p.get("decode_tok_s_rounds") or []) == len(mine)]
+        if decoding:
+            refs = unique([max(decoding, key=lambda p: p["decode_tok_s"])]
+                          + [p for p in decoding if (p["impl"], p["config"]) == ("llama.cpp", "Q4_1")])
+            lines.append(f"{label} decode, per round: " + ", ".join(
+                f"{spread([a / b for a, b in zip(mine, p['decode_tok_s_rounds'])])} {p['impl']} {p['config']}"
+                for p in refs))
+    return lines
