@@ -45,7 +45,7 @@ def test_round_ratios_pair_the_rounds():
     # torch is 2x slower than tvm in every round although both drift: the per-round ratio stays 2.0, while the
     # fastest peer (torch-int8 by median) and the fastest decoder (Q8_0) and Q4_1 are named
     def rec(impl, config, prefill, decode=None):
-        return {"impl": impl, "config": config, "tokens": 8, "prefill_ms": sorted(prefill)[1],
+        return {"impl": impl, "config": config, "tokens": 8, "size_mb": 1.0, "prefill_ms": sorted(prefill)[1],
                 "prefill_ms_rounds": prefill, "decode_tok_s": decode and sorted(decode)[1],
                 "decode_tok_s_rounds": decode}
 
@@ -53,6 +53,9 @@ def test_round_ratios_pair_the_rounds():
                rec("llama.cpp", "Q8_0", [50.0, 50.0, 50.0], [100.0, 100.0, 100.0]),
                rec("llama.cpp", "Q4_1", [90.0, 90.0, 90.0], [50.0, 80.0, 100.0]),
                rec("tvm", "agileq8", [10.0, 20.0, 40.0], [100.0, 120.0, 150.0])]
+    table = bench.format_table(records).splitlines()
+    assert table[0].startswith("| engine |") and len(table) == 2 + len(records)
+    assert "| tvm agileq8 |" in table[-1] and "2.00x torch" in table[-1]
     lines = bench.round_ratios(records)
     assert lines[0] == ("tvm agileq8 prefill 8, per round: 2.00x (2.00-2.00) torch fp32, "
                         "1.50x (1.12-1.50) torch-int8 int8")

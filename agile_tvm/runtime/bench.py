@@ -257,3 +257,29 @@ def round_ratios(records: list[dict]) -> list[str]:
                 f"{spread([a / b for a, b in zip(mine, p['decode_tok_s_rounds'])])} {p['impl']} {p['config']}"
                 for p in refs))
     return lines
+
+
+def format_table(records: list[dict]) -> str:
+    """A markdown table: one row per engine, prefill tok/s per length, decode tok/s, size, ratio to torch FP32."""
+    engines: dict = {}
+    lengths = sorted({r["tokens"] for r in records})
+    for r in records:
+        engines.setdefault((r["impl"], r["config"]), {})[r["tokens"]] = r
+    ref = engines.get(("torch", "fp32"), {})
+    head = "| engine | size MB | " + " | ".join(f"prefill {n} (ms, tok/s)" for n in lengths) + " | decode tok/s |"
+    lines = [head, "|" + "---|" * (3 + len(lengths))]
+    for (impl, cfg), by_n in engines.items():
+        cells = []
+        for n in lengths:
+            r = by_n.get(n)
+            if r is None:
+                cells.append("-")
+                continue
+            ratio = ""
+            if n in ref and impl != "torch":
+                ratio = f", {ref[n]['prefill_ms'] / r['prefill_ms']:.2f}x torch"
+            cells.append(f"{r['prefill_ms']:.0f} ms, {n / r['prefill_ms'] * 1e3:.0f}{ratio}")
+        dec = next((r["decode_tok_s"] for r in by_n.values() if r["decode_tok_s"]), None)
+        size = next(iter(by_n.values()))["size_mb"]
+        lines.append(f"| {impl} {cfg} | {size:.0f} | " + " | ".join(cells) + f" | {dec if dec else '-'} |")
+    return "\n".join(lines)
