@@ -48,13 +48,14 @@ def _relax_rms_norm(x, w, eps):
 
 @pytest.mark.parametrize("rows,width,eps,spread", [(1, 576, 1e-5, 3.0), (37, 576, 1e-5, 1.0), (6, 64, 1e-6, 1.0),
                                                    (5, 8, 1e-5, 1e-3)])
-def test_rms_norm_equals_relax_op_and_exact_within_bound(rows, width, eps, spread):
+@pytest.mark.parametrize("parallel", [True, False])  # False: the decode function's serial row kernel
+def test_rms_norm_equals_relax_op_and_exact_within_bound(rows, width, eps, spread, parallel):
     from agile_tvm.frontend import tir_ops
 
     rng = np.random.RandomState(rows * 100 + width)
     x = (rng.randn(rows, width) * spread).astype("float32")  # spread 1e-3: eps matters (mean square ~ eps)
     w = (rng.rand(width) + 0.5).astype("float32")
-    got = _tir(tir_ops.rms_norm(width, eps), (x, w), x.shape)
+    got = _tir(tir_ops.rms_norm(width, eps, parallel=parallel), (x, w), x.shape)
     np.testing.assert_array_equal(got, _relax_rms_norm(x, w, eps))
     x64 = x.astype(np.float64)
     exact = x64 * w / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)

@@ -42,7 +42,8 @@ def _relax(build, params):
 
 
 @pytest.mark.parametrize("n,heads,head_dim,max_len", [(37, 9, 64, 64), (5, 3, 64, 2048), (3, 2, 16, 8)])
-def test_rope_equals_relax_ops(n, heads, head_dim, max_len):
+@pytest.mark.parametrize("parallel", [True, False])  # False: the decode function's serial row kernel
+def test_rope_equals_relax_ops(n, heads, head_dim, max_len, parallel):
     from agile_tvm.frontend import tir_ops
     from agile_tvm.frontend.graph import R
     from agile_tvm.frontend.llama import rope_tables
@@ -65,7 +66,8 @@ def test_rope_equals_relax_ops(n, heads, head_dim, max_len):
 
     want = _relax(relax_rope, [("x", ["n", heads * head_dim], "float32", x), ("c", [max_len, head_dim], "float32", cos),
                                ("s", [max_len, head_dim], "float32", sin), ("p", ["n"], "int32", pos)]).numpy()
-    (got,) = _tir(tir_ops.rope(heads, head_dim, max_len), (x, cos, sin, pos), [(n, heads, head_dim)])
+    (got,) = _tir(tir_ops.rope(heads, head_dim, max_len, parallel=parallel), (x, cos, sin, pos),
+                  [(n, heads, head_dim)])
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
     x3 = x.reshape(n, heads, head_dim)
     rot = np.concatenate([-x3[..., half:], x3[..., :half]], axis=-1)
@@ -74,7 +76,8 @@ def test_rope_equals_relax_ops(n, heads, head_dim, max_len):
 
 
 @pytest.mark.parametrize("rows,width,eps", [(1, 576, 1e-5), (37, 576, 1e-5), (6, 64, 1e-6)])
-def test_add_rms_norm_equals_add_then_norm(rows, width, eps):
+@pytest.mark.parametrize("parallel", [True, False])
+def test_add_rms_norm_equals_add_then_norm(rows, width, eps, parallel):
     from agile_tvm.frontend import tir_ops
     from agile_tvm.frontend.graph import R
 
@@ -82,7 +85,7 @@ def test_add_rms_norm_equals_add_then_norm(rows, width, eps):
     x = (rng.randn(rows, width) * 2).astype("float32")
     y = rng.randn(rows, width).astype("float32")
     w = (rng.rand(width) + 0.5).astype("float32")
-    total, normed = _tir(tir_ops.add_rms_norm(width, eps), (x, y, w), [(rows, width)] * 2)
+    total, normed = _tir(tir_ops.add_rms_norm(width, eps, parallel=parallel), (x, y, w), [(rows, width)] * 2)
     want_total = _relax(lambda bb, xv, yv: R.add(xv, yv), [("x", ["n", width], "float32", x),
                                                           ("y", ["n", width], "float32", y)]).numpy()
     np.testing.assert_array_equal(total.view(np.int32), want_total.view(np.int32))

@@ -137,6 +137,18 @@ class GraphBuilder(LinearEmitter):
             self._funcs[key] = self.bb.add_func(func.with_attr("op_pattern", 8), key)
         return self._funcs[key]
 
+    @property
+    def row_parallel(self) -> bool:
+        """Whether the row kernels (norms, RoPE, SwiGLU, the Q/K/V quantizer) run their rows on the thread pool: not
+        in the decode function, whose single row made each of them a thread-pool round trip for one small task
+        (7 of a decoder layer's 11 parallel regions)."""
+        return not (isinstance(self.n, int) and self.n == 1)
+
+    @property
+    def row_suffix(self) -> str:
+        """Kernel-name suffix of the serial row kernels (`row_parallel` False)."""
+        return "" if self.row_parallel else "_serial"
+
     def tap(self, name: str, value) -> None:
         """Tests and debugging: with taps on, forward_all also returns `value` (after the logits), named in
         `tap_names`; e.g. every integer linear taps its input as "P:in"."""
@@ -167,7 +179,8 @@ class GraphBuilder(LinearEmitter):
         if width % tir_ops.RMS_NORM_LANES:
             return self.emit(R.nn.rms_norm(x, self.w(weight), axes=[-1], epsilon=eps))
         eps_key = repr(float(eps)).replace(".", "p").replace("-", "m")  # a valid symbol name: 1e-05 -> 1em05
-        gv = self.tir(f"rms_norm_{width}_{eps_key}", tir_ops.rms_norm(width, float(eps)))
+        gv = self.tir(f"rms_norm_{width}_{eps_key}{self.row_suffix}",
+                      tir_ops.rms_norm(width, float(eps), parallel=self.row_parallel))
         return self.emit(relax.call_tir(gv, [x, self.w(weight)], relax.TensorType(x.ty.shape, "float32")))
 
     def add_rms_norm(self, x, y, weight: str, eps: float):
@@ -178,7 +191,8 @@ class GraphBuilder(LinearEmitter):
             total = self.emit(R.add(x, y))
             return total, self.rms_norm(total, weight, eps)
         eps_key = repr(float(eps)).replace(".", "p").replace("-", "m")
-        gv = self.tir(f"add_rms_norm_{width}_{eps_key}", tir_ops.add_rms_norm(width, float(eps)))
+        gv = self.tir(f"add_rms_norm_{width}_{eps_key}{self.row_suffix}",
+                      tir_ops.add_rms_norm(width, float(eps), parallel=self.row_parallel))
         ty = relax.TensorType(x.ty.shape, "float32")
         both = self.emit(relax.call_tir(gv, [x, y, self.w(weight)], [ty, ty]))
         return self.emit(relax.TupleGetItem(both, 0)), self.emit(relax.TupleGetItem(both, 1))
@@ -216,7 +230,8 @@ class GraphBuilder(LinearEmitter):
         """HF LLaMA RoPE of x [n, heads * head_dim] at positions pos [n] (int32), reading the stored cos/sin tables
         [max_len, head_dim] (`tir_ops.rope`: bit for bit `rope` below, ~10x faster). Returns [n, heads, head_dim]."""
         max_len = int(self.weights.arrays[cos_table].shape[0])
-        gv = self.tir(f"rope_{heads}_{head_dim}_{max_len}", tir_ops.rope(heads, head_dim, max_len))
+        gv = self.tir(f"rope_{heads}_{head_dim}_{max_len}{self.row_suffix}",
+                      tir_ops.rope(heads, head_dim, max_len, parallel=self.row_parallel))
         return self.emit(relax.call_tir(gv, [x, self.w(cos_table), self.w(sin_table), pos],
                                         relax.TensorType([self.n, heads, head_dim], "float32")))
 
@@ -254,7 +269,7 @@ class GraphBuilder(LinearEmitter):
                               np.float32)
             sc = self.w(layer_prefix + ".qkv_scale", scales)
             c = kv_heads * head_dim
-            gv = self.tir(f"quant_sym_int8_{c}", tir_ops.quant_sym_int8(c))
+            gv = self.tir(f"quant_sym_int8_{c}{self.row_suffix}", tir_ops.quant_sym_int8(c, parallel=self.row_parallel))
             ks = self.w(layer_prefix + ".k_scale1", scales[1:2])
             vs = self.w(layer_prefix + ".v_scale1", scales[2:3])
             k2 = self.emit(R.reshape(k, [n, c]))

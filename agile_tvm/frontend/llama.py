@@ -84,7 +84,7 @@ class Llama:
             x, h = g.add_rms_norm(x, o, f"{p}.post_attention_layernorm.weight", self.eps)
             gate, up = g.linears(h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], self.hidden, [self.inter] * 2)
             if self.inter % 8 == 0:
-                gv = g.tir(f"swiglu_{self.inter}", tir_ops.swiglu(self.inter))
+                gv = g.tir(f"swiglu_{self.inter}{g.row_suffix}", tir_ops.swiglu(self.inter, parallel=g.row_parallel))
                 act = g.emit(relax.call_tir(gv, [gate, up], relax.TensorType([n, self.inter], "float32")))
             else:
                 act = g.emit(R.multiply(R.nn.silu(gate), up))

@@ -2,7 +2,8 @@
 
 The default TVM pipeline leaves such functions as single-threaded scalar loops. This schedule, applied per
 top-level block, fuses the leading spatial loops (up to two: rows x columns, or heads x queries) and runs them
-in parallel; LLVM then vectorizes the simple inner loops. Functions marked `tir.is_scheduled` (the kernels of
+in parallel, unless the block has only a few static iterations (`SERIAL_BELOW`); LLVM then vectorizes the simple
+inner loops. Functions marked `tir.is_scheduled` (the kernels of
 `agile_tvm.kernels`, records applied from `schedules/<target>/`) are left alone.
 """
 
@@ -19,8 +20,25 @@ def _leading_spatial(sch, block) -> int:
     return count
 
 
+#: A block with fewer static iterations than this stays serial: below it a thread-pool round trip costs more than
+#: the work (the decode function's one-row ops, e.g. a [1, 576] reshape copy in every layer).
+SERIAL_BELOW = 16384
+
+
+def _static_iterations(sch, loops) -> int | None:
+    """The number of iterations of the loop nest, or None when an extent is symbolic."""
+    total = 1
+    for loop in loops:
+        extent = sch.get(loop).extent
+        if not hasattr(extent, "value"):
+            return None
+        total *= int(extent.value)
+    return total
+
+
 def hand_schedule(func):
-    """Parallelize the outer spatial loops of every top-level block of `func`; returns the new PrimFunc."""
+    """Parallelize the outer spatial loops of every top-level block of `func` (blocks of a few static iterations
+    stay serial, `SERIAL_BELOW`); returns the new PrimFunc."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -28,6 +46,9 @@ def hand_schedule(func):
     for block in sch.get_child_blocks(root):
         loops = sch.get_loops(block)
         if not loops:
+            continue
+        small = _static_iterations(sch, loops)
+        if small is not None and small < SERIAL_BELOW:
             continue
         spatial = min(_leading_spatial(sch, block), len(loops), 2)
         if spatial == 0:

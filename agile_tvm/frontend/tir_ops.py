@@ -20,12 +20,13 @@ from tvm.script import tirx as T
 
 
 @functools.lru_cache(maxsize=None)
-def quant_sym_int8(c: int):
-    """Symmetric INT8 for Q, K, V: q8 = clip(floor(x / s + 0.5), -127, 127)."""
+def quant_sym_int8(c: int, parallel: bool = True):
+    """Symmetric INT8 for Q, K, V: q8 = clip(floor(x / s + 0.5), -127, 127). Parallel: left to the generic hand
+    schedule; `parallel=False` marks it scheduled, so it stays one serial loop (decode's single row)."""
 
     @T.prim_func(private=True, s_tir=True)
     def func(x_h: T.handle, s_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": not parallel})
         n = T.int64()
         X = T.match_buffer(x_h, (n, c), "float32")
         S = T.match_buffer(s_h, (1,), "float32")
@@ -659,7 +660,7 @@ def _norm_rows_macro(width: int, eps: float, lanes: int, rows: int):
 
 
 @functools.lru_cache(maxsize=None)
-def rms_norm(width: int, eps: float):
+def rms_norm(width: int, eps: float, parallel: bool = True):
     """LLaMA's RMSNorm of each row of x [n, width], bit for bit what Relax's legalized R.nn.rms_norm computes:
     out = rsqrt(sum_d x_d^2 / width + eps) * x * weight, the squares rounded to float32 first and summed in order
     d = 0, 1, ... (the sum's order decides its rounding, and one ulp of a norm output can flip an activation code
@@ -667,10 +668,12 @@ def rms_norm(width: int, eps: float):
 
     Speed without changing that order: a task takes RMS_NORM_ROWS rows, writes their squares (vectorized) to a
     scratch row first (so no fused multiply-add can merge square and sum), then runs the rows' serial sums
-    interleaved (independent dependency chains), then the scale, vectorized."""
+    interleaved (independent dependency chains), then the scale, vectorized. `parallel=False` (the decode function's one
+    row, `GraphBuilder.row_parallel`): no thread-pool round trip for a single task."""
     lanes, rows = RMS_NORM_LANES, RMS_NORM_ROWS
     assert width % lanes == 0, "rms_norm kernel needs width a multiple of RMS_NORM_LANES"
     norm_rows = _norm_rows_macro(width, eps, lanes, rows)
+    over_rows = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, w_h: T.handle, o_h: T.handle):
@@ -679,20 +682,21 @@ def rms_norm(width: int, eps: float):
         X = T.match_buffer(x_h, (n, width), "float32")
         W = T.match_buffer(w_h, (width,), "float32")
         O = T.match_buffer(o_h, (n, width), "float32")
-        for t in T.parallel((n + rows - 1) // rows):
+        for t in over_rows((n + rows - 1) // rows):
             norm_rows(X, W, O, t, n)
 
     return func
 
 
 @functools.lru_cache(maxsize=None)
-def add_rms_norm(width: int, eps: float):
+def add_rms_norm(width: int, eps: float, parallel: bool = True):
     """(s, rms_norm(s)) for s = x + y over [n, width]: a residual add and the RMSNorm that reads it, in one pass
     (the sum is still in cache when it is normed). Both outputs are bit for bit R.add and `rms_norm`'s: the same
     elementwise sum, stored, then the norm's own steps on the stored values."""
     lanes, rows = RMS_NORM_LANES, RMS_NORM_ROWS
     assert width % lanes == 0, "add_rms_norm kernel needs width a multiple of RMS_NORM_LANES"
     norm_rows = _norm_rows_macro(width, eps, lanes, rows)
+    over_rows = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, y_h: T.handle, w_h: T.handle, s_h: T.handle, o_h: T.handle):
@@ -703,7 +707,7 @@ def add_rms_norm(width: int, eps: float):
         W = T.match_buffer(w_h, (width,), "float32")
         S = T.match_buffer(s_h, (n, width), "float32")
         O = T.match_buffer(o_h, (n, width), "float32")
-        for t in T.parallel((n + rows - 1) // rows):
+        for t in over_rows((n + rows - 1) // rows):
             for r in T.serial(rows):
                 if t * rows + r < n:
                     for c in T.serial(width // lanes):
@@ -730,7 +734,7 @@ ROPE_LANES = 8
 
 
 @functools.lru_cache(maxsize=None)
-def rope(heads: int, head_dim: int, max_len: int):
+def rope(heads: int, head_dim: int, max_len: int, parallel: bool = True):
     """HF LLaMA RoPE (rotate_half layout) of x [n, heads * head_dim] at positions pos [n], from the cos/sin tables
     [max_len, head_dim]: out[i, h, d] = x[i, h, d] * cos[pos_i, d] + rot[i, h, d] * sin[pos_i, d], rot = (-x2, x1).
     The same float operations as the Relax ops it replaces (take, strided_slice, negative, concat, multiply, add:
@@ -738,6 +742,7 @@ def rope(heads: int, head_dim: int, max_len: int):
     bits; one row of heads per parallel iteration."""
     half = head_dim // 2
     assert half % ROPE_LANES == 0, "rope kernel needs head_dim a multiple of 2 * ROPE_LANES"
+    over_rows = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def func(x_h: T.handle, c_h: T.handle, s_h: T.handle, p_h: T.handle, o_h: T.handle):
@@ -748,7 +753,7 @@ def rope(heads: int, head_dim: int, max_len: int):
         S = T.match_buffer(s_h, (max_len, head_dim), "float32")
         P = T.match_buffer(p_h, (n,), "int32")
         O = T.match_buffer(o_h, (n, heads, head_dim), "float32")
-        for i in T.parallel(n):
+        for i in over_rows(n):
             for h in T.serial(T.int64(heads)):
                 for d in T.vectorized(T.int64(half)):
                     O[i, h, d] = _rounded(X[i, h * head_dim + d] * C[T.Cast("int64", P[i]), d]) + _rounded(
@@ -760,10 +765,11 @@ def rope(heads: int, head_dim: int, max_len: int):
     return func
 
 @functools.lru_cache(maxsize=None)
-def swiglu(width: int):
+def swiglu(width: int, parallel: bool = True):
     """silu(gate) * up, elementwise over [n, width], with the polynomial exp (no libm call, so it vectorizes):
     silu(x) = x / (1 + t) for x >= 0 and x * t / (1 + t) for x < 0, where t = exp(-|x|)."""
     assert width % 8 == 0
+    over_vectors = T.parallel if parallel else T.serial
 
     @T.prim_func(private=True)
     def func(g_h: T.handle, u_h: T.handle, o_h: T.handle):
@@ -772,7 +778,7 @@ def swiglu(width: int):
         G = T.match_buffer(g_h, (n, width), "float32")
         U = T.match_buffer(u_h, (n, width), "float32")
         O = T.match_buffer(o_h, (n, width), "float32")
-        for ib in T.parallel(n * (width // 8)):
+        for ib in over_vectors(n * (width // 8)):
             for l in T.vectorized(8):
                 O[ib // (width // 8), ib % (width // 8) * 8 + l] = _silu(
                     G[ib // (width // 8), ib % (width // 8) * 8 + l]) * U[ib // (width // 8), ib % (width // 8) * 8 + l]
