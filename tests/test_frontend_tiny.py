@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -293,6 +294,27 @@ def test_missing_weight_file(llama_module, tmp_path):
     shutil.copytree(llama_module[1], copy)
     (copy / "weights.safetensors").unlink()
     with pytest.raises(UserError, match="weight file .* is missing"):
+        load_module(copy)
+
+
+def test_weight_file_of_another_export(llama_module, tmp_path):
+    """The compiled functions do not check their weights at each call (`num_input`): the runtime checks them once at
+    load against the manifest, so a weight file with a tensor of another shape is refused by name."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from agile_tvm.runtime import load_module
+
+    copy = tmp_path / "module"
+    shutil.copytree(llama_module[1], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    name = manifest["weights"][0]
+    arrays = load_file(str(copy / "weights.safetensors"))
+    arrays[name] = np.concatenate([arrays[name], arrays[name]])
+    save_file(arrays, str(copy / "weights.safetensors"))
+    with pytest.raises(UserError, match=f"weight '{re.escape(name)}' .* belongs to another export"):
         load_module(copy)
 
 
