@@ -124,6 +124,11 @@ def _pmaddubsw_x4_impl(lanes: int):
     return impl
 
 
+def _nibble_code(B, half: int, i, k):
+    """The 4-bit code u(k, i) of the nibble layout (layout.py): lane i, k-th of 16 in the two registers B."""
+    return T.shift_right(B[k // 4 % 2 * half + i * 4 + k % 4], T.Cast("uint8", k // 8 * 4)) & T.uint8(15)
+
+
 def _nibble_desc(lanes: int):
     """C[i] += sum_{k < 16} A[k] * u(k, i), u read from 8*lanes bytes of nibbles (layout.py, ``nibble``)."""
     half = 4 * lanes
@@ -139,11 +144,7 @@ def _nibble_desc(lanes: int):
             for i, k in T.grid(lanes, 16):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast(
-                        "int32",
-                        T.shift_right(B[vk // 4 % 2 * half + vi * 4 + vk % 4], T.Cast("uint8", vk // 8 * 4))
-                        & T.uint8(15),
-                    )
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", _nibble_code(B, half, vi, vk))
 
     return desc
 
@@ -217,11 +218,7 @@ def _nibble_zp_desc(lanes: int):
             for i, k in T.grid(lanes, 16):
                 with T.sblock("update"):
                     vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + (T.Cast("int32", A[vk]) - Z[0]) * T.Cast(
-                        "int32",
-                        T.shift_right(B[vk // 4 % 2 * half + vi * 4 + vk % 4], T.Cast("uint8", vk // 8 * 4))
-                        & T.uint8(15),
-                    )
+                    C[vi] = C[vi] + (T.Cast("int32", A[vk]) - Z[0]) * T.Cast("int32", _nibble_code(B, half, vi, vk))
 
     return desc
 
