@@ -36,6 +36,11 @@ import torch
 
 from agile_tvm.errors import UserError
 
+try:
+    from tvm.tirx import IntImm as tvm_int
+except ImportError:  # tvm absent: the tests below skip at their tvm imports
+    tvm_int = int
+
 CASES = {  # arch[-variant] -> (scheme, weight method): every architecture, activation width and weight path
     "llama": ("agileq8", "gptq"),
     "opt": ("agileq4", "rtn"),
@@ -229,6 +234,35 @@ def test_compiled_logits_equal_reference(exported, tapped):
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def _attention_rows(func) -> list:
+    """The query rows of every attention kernel call in a Relax function, in order (ints when static)."""
+    from tvm import relax
+
+    rows = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if isinstance(v, relax.Call) and v.op.name == "relax.call_tir" and v.args[0].name_hint.startswith(
+                    "attention"):
+                ty = b.var.ty
+                ty = ty.fields[0] if isinstance(ty, relax.TupleType) else ty
+                rows.append(ty.shape[0])
+    return rows
+
+
+@pytest.mark.parametrize("case", ["llama", "opt", "bloom"])
+def test_prefill_runs_its_last_layer_on_the_last_row(case, tmp_path):
+    """prefill returns the last token's logits only, so its last decoder layer keeps only the last query (all keys
+    still go to the cache): 1 query row there, every row in the layers before; forward_all keeps every row."""
+    from agile_tvm.frontend import build_module
+
+    mod, _, meta = build_module(_quantize(case, tmp_path / "ckpt"), max_seq_len=MAX_LEN)
+    rows = _attention_rows(mod["prefill"])
+    assert len(rows) == meta["num_layers"]
+    assert [isinstance(r, tvm_int) and int(r) == 1 for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert not any(isinstance(r, tvm_int) for r in _attention_rows(mod["forward_all"]))
 
 
 def test_kv_cache_prefill_decode_equals_full_forward(exported):

@@ -60,6 +60,8 @@ class Bloom:
             fused = g.emit(R.reshape(fused, [n, H, 3, D]))
             q, k, v = (g.emit(R.reshape(R.strided_slice(fused, axes=[2], begin=[j], end=[j + 1]), [n, H, D]))
                        for j in range(3))
+            if g.last_row_only(last_only, i, self.num_layers):
+                q, residual = g.keep_last_row(q, residual)
             attn, cache = g.attention(q, k, v, f"{p}.self_attention", H, H, D, caches[i] if caches else None,
                                       slopes=slopes)
             new_caches.append(cache)

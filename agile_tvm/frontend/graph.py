@@ -256,10 +256,12 @@ class GraphBuilder(LinearEmitter):
 
     def attention(self, q, k, v, layer_prefix: str, heads: int, kv_heads: int, head_dim: int, cache=None,
                   slopes: np.ndarray | None = None):
-        """Causal attention; k/v are this chunk's [n, KVH, D] float32. Returns ([n, H*D], updated caches).
+        """Causal attention; k/v are this chunk's [n, KVH, D] float32, q its [self.n, H, D] queries (the last n,
+        or only the last one after `keep_last_row`). Returns ([self.n, H*D], updated caches).
         With token pruning it also writes the first-key probabilities when the next layer prunes (`begin_layer`
         reads them) and gives ALiBi the kept keys' original positions."""
         n = self.n
+        nk = k.ty.shape[0]  # this chunk's keys: every row, also when only the last query is kept
         quant = layer_prefix in self.ckpt.attention
         if quant:
             info = self.ckpt.attention[layer_prefix]
@@ -273,12 +275,12 @@ class GraphBuilder(LinearEmitter):
             gv = self.tir(f"quant_sym_int8_{c}{self.row_suffix}", tir_ops.quant_sym_int8(c, parallel=self.row_parallel))
             ks = self.w(layer_prefix + ".k_scale1", scales[1:2])
             vs = self.w(layer_prefix + ".v_scale1", scales[2:3])
-            k2 = self.emit(R.reshape(k, [n, c]))
-            v2 = self.emit(R.reshape(v, [n, c]))
-            k = self.emit(R.reshape(self.emit(relax.call_tir(gv, [k2, ks], relax.TensorType([n, c], "int8"))),
-                                    [n, kv_heads, head_dim]))
-            v = self.emit(R.reshape(self.emit(relax.call_tir(gv, [v2, vs], relax.TensorType([n, c], "int8"))),
-                                    [n, kv_heads, head_dim]))
+            k2 = self.emit(R.reshape(k, [nk, c]))
+            v2 = self.emit(R.reshape(v, [nk, c]))
+            k = self.emit(R.reshape(self.emit(relax.call_tir(gv, [k2, ks], relax.TensorType([nk, c], "int8"))),
+                                    [nk, kv_heads, head_dim]))
+            v = self.emit(R.reshape(self.emit(relax.call_tir(gv, [v2, vs], relax.TensorType([nk, c], "int8"))),
+                                    [nk, kv_heads, head_dim]))
             kv_dtype = "int8"
         else:
             bits = 4
@@ -326,6 +328,21 @@ class GraphBuilder(LinearEmitter):
         else:
             out = self.emit(relax.call_tir(gv, args, out_ty))
         return self.emit(R.reshape(out, [n, heads * head_dim])), new_cache
+
+    def last_row_only(self, last_only: bool, layer: int, num_layers: int) -> bool:
+        """Whether from the attention of decoder layer `layer` on, the function needs only its last row: in the
+        last layer of prefill (`last_only`: it returns the last token's logits), every token's K and V still go
+        to the cache, but only the last token's query, attention output, MLP and norms reach the logits (as
+        llama.cpp computes only its output rows there). Not while pruning (the rows are gathered by then), not in
+        decode (one row already)."""
+        return last_only and layer == num_layers - 1 and self._prune is None and not isinstance(self.n, int)
+
+    def keep_last_row(self, *tensors):
+        """The last row of each [n, ...] tensor; the function continues with one row (the m = 1 kernels)."""
+        n = self.n
+        rows = tuple(self.emit(R.strided_slice(t, axes=[0], begin=[n - 1], end=[n])) for t in tensors)
+        self.n = 1
+        return rows
 
     def _has_pmaddwd(self) -> bool:
         """Whether the target has AVX2's pmaddwd, which the blocked attention's INT8 Q.K uses (`int16_dot`)."""

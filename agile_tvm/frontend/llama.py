@@ -78,6 +78,8 @@ class Llama:
             g.tap(f"{p}:q", q)
             g.tap(f"{p}:k", k)
             g.tap(f"{p}:v", v)
+            if g.last_row_only(last_only, i, self.num_layers):
+                q, x = g.keep_last_row(q, x)
             attn, cache = g.attention(q, k, v, f"{p}.self_attn", H, KVH, D, caches[i] if caches else None)
             new_caches.append(cache)
             o = g.linear(attn, f"{p}.self_attn.o_proj", H * D, self.hidden)
@@ -85,7 +87,7 @@ class Llama:
             gate, up = g.linears(h, [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], self.hidden, [self.inter] * 2)
             if self.inter % 8 == 0:
                 gv = g.tir(f"swiglu_{self.inter}{g.row_suffix}", tir_ops.swiglu(self.inter, parallel=g.row_parallel))
-                act = g.emit(relax.call_tir(gv, [gate, up], relax.TensorType([n, self.inter], "float32")))
+                act = g.emit(relax.call_tir(gv, [gate, up], relax.TensorType([g.n, self.inter], "float32")))
             else:
                 act = g.emit(R.multiply(R.nn.silu(gate), up))
             down = g.linear(act, f"{p}.mlp.down_proj", self.inter, self.hidden)

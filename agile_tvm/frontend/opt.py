@@ -48,6 +48,8 @@ class Opt:
             h = g.layer_norm(x, f"{p}.self_attn_layer_norm", eps) if self.pre_norm else x
             qkv = g.linears(h, [f"{p}.self_attn.{t}_proj" for t in "qkv"], self.hidden, [self.hidden] * 3)
             q, k, v = (g.emit(R.reshape(t, [n, H, D])) for t in qkv)
+            if g.last_row_only(last_only, i, self.num_layers):
+                q, x = g.keep_last_row(q, x)
             attn, cache = g.attention(q, k, v, f"{p}.self_attn", H, H, D, caches[i] if caches else None)
             new_caches.append(cache)
             x = g.emit(R.add(x, g.linear(attn, f"{p}.self_attn.out_proj", self.hidden, self.hidden)))
