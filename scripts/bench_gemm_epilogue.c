@@ -3,12 +3,12 @@
  * int8 weights in L1. Build and run: bash scripts/bench_gemm_epilogue.sh (gcc -O3 -march=native).
  *
  * Per group and tile the dot is 8 vpmaddubsw + 7 vpaddw + 1 vpmaddwd; the epilogue variants are
- *   full:           cvt, FMA (-zp * sum q), FMA (* wscale), FMA (wmin * xsum)   - agile-tvm up to session 5
+ *   full:           cvt, FMA (-zp * sum q), FMA (* wscale), FMA (wmin * xsum)   - what agile-tvm runs
  *   zp per row:     cvt, FMA (* wscale), FMA (wmin * xsum); -zp * sum_g(sum q * ws) once per row
  *   one FMA:        cvt, FMA (* wscale)                                          - per-channel-like lower bound
  *   none:           integer sums only
  *   row start:      cvt, FMA (* wscale); offsets and the zero-point term once per row, before the group loop
- *                   (linear._decoded_nibble_v2, session 6)
+ *                   (tried in session 6: faster, but ~25x the float error; not kept, BENCHMARKS.md)
  *   zp per group, offsets after: cvt, FMA (-zp * sum q), FMA (* wscale); offsets once per row
  * and a port check: vpmaddubsw, vpmaddwd and vfmadd231ps each issue 2 per cycle, and mixed they still total
  * 2 per cycle (Zen 3: the same two FP pipes), while vpaddw adds without slowing them. */
@@ -80,7 +80,7 @@ int main(void) {
   PORTS("vpmaddubsw x8", "vpmaddubsw", "vpmaddubsw") PORTS("vfmadd231ps x8", "vfmadd231ps", "vfmadd231ps")
   PORTS("4 vpmaddubsw + 4 vfmadd", "vpmaddubsw", "vfmadd231ps") PORTS("4 vpmaddubsw + 4 vpmaddwd", "vpmaddubsw", "vpmaddwd")
   PORTS("4 vpmaddubsw + 4 vpaddw", "vpmaddubsw", "vpaddw")
-  const char *names[] = {"full epilogue (3 FMA)", "zero point per row (2 FMA)", "one FMA", "no epilogue", "row start (session 6)", "zp per group, offsets after"};
+  const char *names[] = {"full epilogue (3 FMA)", "zero point per row (2 FMA)", "one FMA", "no epilogue", "row start (not kept)", "zp per group, offsets after"};
   printf("GEMM model, one core, M=%d K=%d, 32 outputs (best of 200):\n", M, K);
   for (int v = 0; v < 6; v++) {
     double best = 1e9;

@@ -93,3 +93,23 @@ def test_llama_cpp_failures_name_the_tool(fake_llama_bench, tmp_path, monkeypatc
     assert not list((tmp_path / "llama.cpp").glob("*.tmp*"))  # nothing half-written left behind
     monkeypatch.setenv("AGILE_TVM_CACHE", str(tmp_path / "empty"))
     assert llama_cpp.find_binaries() is None and bench.llama_cpp_engines([8], 4) == []
+
+
+def test_code_fingerprint_follows_the_kernel_sources(tmp_path):
+    # bench_ppl.py re-exports a cached module whose manifest "code" differs: the fingerprint must change when a
+    # kernel or frontend source changes, and only then
+    import shutil
+    from pathlib import Path
+
+    from agile_tvm.runtime.export import code_fingerprint
+
+    src = Path(__file__).resolve().parents[1] / "agile_tvm"
+    for sub in ("kernels", "frontend"):
+        shutil.copytree(src / sub, tmp_path / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    first = code_fingerprint(tmp_path)
+    assert first == code_fingerprint(tmp_path) == code_fingerprint()
+    (tmp_path / "README.txt").write_text("not a source")
+    assert code_fingerprint(tmp_path) == first
+    f = tmp_path / "kernels" / "linear.py"
+    f.write_text(f.read_text() + "\n# changed\n")
+    assert code_fingerprint(tmp_path) != first

@@ -171,27 +171,6 @@ def test_nibble_weights_v2(M):
     np.testing.assert_array_equal(run(f, args, out), want)
 
 
-@pytest.mark.parametrize("K", [128, 1024])
-@pytest.mark.parametrize("M", [1, 6, 33])
-def test_nibble_gemm_row_start_form(K, M):
-    # the nibble GEMM (symbolic M) adds only dot * ws per group, to a float tile that starts from the row's offsets
-    # and zero-point term (linear._decoded_nibble_v2): within that form's float32 bound (its integers stay exact:
-    # the unit-scale cases of test_nibble_weights_v2); K = 1024 also splits the groups into L1 chunks
-    from agile_tvm.kernels import w4a8_linear_func
-    from agile_tvm.kernels.linear import linear_tensors
-    from agile_tvm.kernels.schedule import _grouped_tiling
-
-    if cases.layout._isa(TARGET) not in ("avx2", "avx512"):
-        pytest.skip("nibble format is x86 only")
-    N = 92  # ragged against the 8-lane tiles; 12 tiles, so panels of 4 (and chunks at K = 1024)
-    _, info = linear_tensors(N, K, "avx2", 4, group_size=32, act="token", has_wmin=True, wfmt="nibble")
-    assert (_grouped_tiling(info)[1] > 1) == (K == 1024)
-    f = w4a8_linear_func(N, K, TARGET, group_size=32, act="token", has_wmin=True, wfmt="nibble", has_bias=True)
-    args, out, want, bound = cases.linear_v2_case("w4a8", N, K, M, TARGET, group_size=32, has_wmin=True,
-                                                  has_bias=True, wfmt="nibble", seed=20 + M, bound="row_start")
-    within_bound(run(f, args, out), want, bound)
-
-
 def test_quantize_then_linear_chain():
     # what the frontend runs: x -> per-token codes, scales, zero points and group sums -> W4A8 g32 with offsets
     from agile_tvm.kernels import quantize_act_token_func, w4a8_linear_func

@@ -100,8 +100,7 @@ def linear_v2_case(kind, N, K, M, target, *, group_size=None, has_wmin=False, ha
 
     ``unit_scales``: s = wscale = 1 and integer wmin, so y is an exact integer (integer check of acc and xsum).
     ``extreme``: codes and per-row zero points at the ends of their ranges. ``bound=True`` also returns the
-    float32 rounding bound of ``reference.linear_error_bound`` (the tolerance of the float epilogue);
-    ``bound="row_start"``: the bound of the nibble GEMM, which sums other terms (``_row_start_terms``).
+    float32 rounding bound of ``reference.linear_error_bound`` (the tolerance of the float epilogue).
     ``tables="tiled"``: wsum, wscale and wmin in the kernels' tile-major layout (``layout.tile_tables``);
     ``"tiled16"``: the same in 16 bits (the kernels' ``compact=True``)."""
     rng = np.random.default_rng(seed)
@@ -148,23 +147,7 @@ def linear_v2_case(kind, N, K, M, target, *, group_size=None, has_wmin=False, ha
     if not bound:
         return args, len(args) - 1, expected
     acc = reference.linear_acc(xq, zp, q, wz, gs)
-    return args, len(args) - 1, expected, reference.linear_error_bound(
-        acc, wscale, s, wm, xs, bias, _row_start_terms(xq, zp, q, wz, gs, wscale, wmin) if bound == "row_start" else None)
-
-
-def _row_start_terms(xq, zp, q, wz, gs, wscale, wmin):
-    """The terms the nibble GEMM sums (``linear._decoded_nibble_v2``), for ``reference.linear_error_bound``: codes
-    u = q - wz + 8 centred per group on c = round(mean u), their dots with xq, zp * sum q' and the offsets
-    wmin + (c - 8 - wz) * ws."""
-    N, K = q.shape
-    G = K // gs
-    u = (q - np.repeat(wz, gs, axis=1) + 8).reshape(N, G, gs).astype(np.int64)
-    c = (u.sum(axis=2) + gs // 2) // gs
-    qc = u - c[:, :, None]
-    dot = np.einsum("mgk,ngk->mng", xq.astype(np.int64).reshape(len(xq), G, gs), qc)
-    zero = np.asarray(zp, np.int64).reshape(-1, 1, 1) * qc.sum(axis=2)[None]
-    offsets = np.asarray(wmin, np.float64) + (c - 8 - wz) * np.asarray(wscale, np.float64)
-    return {"dot": dot, "zero": zero, "wmin": offsets}
+    return args, len(args) - 1, expected, reference.linear_error_bound(acc, wscale, s, wm, xs, bias)
 
 
 def quantize_case(K, M, bits, seed=0):

@@ -110,18 +110,14 @@ def _dot_nibble_zp(M, G, gs, n_pad, nb, act, ap, wpack):
     )
 
 
-def _unpacked_nibbles(wpack, n_pad, K, nb, minus: int, center=None, gs: int = 0):
+def _unpacked_nibbles(wpack, n_pad, K, nb, minus: int):
     """The codes u - ``minus`` as int8 [nb, 4] tiles (the int8 layout): the GEMM unpacks each panel once into L1
-    and runs the int8 micro-kernel over all rows, instead of unpacking in registers once per row.
-    ``center`` [n / nb, G, nb, 4] (int8, groups of ``gs``; each channel's value 4 times, so a tile's 32 bytes
-    subtract one vector): u - center instead, in [-15, 15]."""
+    and runs the int8 micro-kernel over all rows, instead of unpacking in registers once per row."""
     half = 4 * nb
 
     def code(t, kb, j, l):  # tile kb % 4 of its 16 k: bytes [0, half) or [half, 2 half), low or high nibbles
         byte = wpack[t, kb // 4, kb % 2 * half + j * 4 + l]  # contiguous in j * 4 + l: one vector load per tile
         u = ((byte >> (kb % 4 // 2 * 4).astype("uint8")) & tirx.const(15, "uint8")).astype("int8")
-        if center is not None:
-            return u - center[t, kb * 4 // gs, j, l]
         return u - tirx.const(minus, "int8") if minus else u
 
     return te.compute((n_pad // nb, K // 4, nb, 4), code, name="wdec")
@@ -274,56 +270,22 @@ def _grouped_acc_nibble_xsum(dot, xsum, wsum, ap, G, gs, n_pad):
     return lambda i, n, g: (dot[i, g, n] - ap.zp(i) * wsum0_t[g, n] - wsum_t[g, n] * xsum[i, g]).astype(F32)
 
 
-def _decoded_nibble_v2(dot, wsum, wscale, wmin, center, G, gs, n_pad, nb):
-    """Nibble GEMM with float offsets (v2), arranged so that each group adds only dot * ws to the row's float tile.
+def _decoded_nibble_v2(dot, wsum, wscale, wmin, ap, G, gs, n_pad):
+    """Nibble GEMM with float offsets (v2): dot runs over q = u - 8, so acc = dot - zp * sum q - wzero * xsum;
+    the last term joins the float offset term (wmin - wzero * wscale) * xsum, which is exactly wmin for the
+    contract's v2 weights (wzero = 0). Per group and tile this is the int8 path's epilogue (a conversion and three
+    FMAs) instead of one FMA more. Returns (acc_f32, wmin_t); acc_f32 is exact (|dot|, |zp * sum q| <= gs * 2040)."""
+    wsum0_t = te.compute((G, n_pad), lambda g, n: (wsum[n, 0, g] - 8 * gs).astype(F32), name="wsum0_t")
 
-    The codes are unpacked centred per group, q' = u - c with c = round(mean u) (``center``), so dot = sum xq * q'
-    and the contract's acc = sum (xq - zp) * (u - 8) (v2: wzero = 0) is dot - zp * sum q' + (c - 8) * xsum. Hence
-        sum_g acc * ws + wmin * xsum = sum_g dot * ws  +  sum_g (wmin + (c - 8) ws) * xsum  -  zp * sum_g sum q' * ws
-    the first sum per group (a conversion and one FMA), the other two once per row and output, from per-panel
-    tables: offsets wmin' (``wmin_t``) and zero-point sums zc (``zcorr``); the schedule starts the row's float tile
-    from them (``schedule._schedule_row_start``). Per group that is one FMA instead of three, and the FMAs share
-    Zen 3's two multiply pipes with the dot's pmaddubsw (scripts/bench_gemm_epilogue.c: 75 -> 87-93 GMAC/s).
-    Centring keeps |sum q'| <= gs / 2, so zp * zc is small and the float error stays near the per-group form's
-    (``reference.linear_error_bound(kernel=...)``); every integer stays exact (|dot| <= gs * 255 * 15 < 2^24).
-    Returns (acc_f32: float(dot), wmin_t, zc)."""
     rows = int(wscale.shape[0])
 
-    def guarded(n, value):  # tables with N < n_pad rows (tables="ng"): zero beyond them
+    def offset(g, n):
         r = n if rows >= n_pad else tirx.min(n, rows - 1)
-        v = value(r)
+        v = wmin[r, g] - (wsum[n, 1, g] - 8).astype(F32) * wscale[r, g]
         return v if rows >= n_pad else tirx.if_then_else(n < rows, v, tirx.const(0.0, F32))
 
-    def offset(g, n):  # wmin - (wzero + 8 - c) * ws; wsum[:, 1] holds 8 + wzero
-        c = center[n // nb, g, n % nb, 0].astype("int32")
-        return guarded(n, lambda r: wmin[r, g] + (c - wsum[n, 1, g]).astype(F32) * wscale[r, g])
-
     wmin_t = te.compute((G, n_pad), offset, name="wmin_t")
-    gz = te.reduce_axis((0, G), name="gz")
-    zc = te.compute((n_pad,), lambda n: te.sum(guarded(n, lambda r: (
-        wsum[n, 0, gz] - gs * center[n // nb, gz, n % nb, 0].astype("int32")).astype(F32) * wscale[r, gz]), axis=gz),
-        name="zcorr")
-    return (lambda i, n, g: dot[i, g, n].astype(F32)), wmin_t, zc
-
-
-def _reduction_starts_from(func, block: str, start: str):
-    """`func` with the reduction `block` initialised from the [i, n] stage `start` instead of 0.
-
-    te.sum(..., init=tensor) is accepted by TE but te.create_prim_func drops it (the block keeps T.init() = 0),
-    so the init statement and its read are put into the block here; the schedule then inlines `start`."""
-    from tvm import ir, s_tir
-
-    sch = s_tir.Schedule(func)
-    rv = sch.get_sblock(block)
-    blk = sch.get(rv)
-    src = sch.get(sch.get_sblock(start)).body.buffer
-    idx = [iv.var for iv in blk.iter_vars[:2]]
-    init = tirx.BufferStore(blk.body.buffer, tirx.BufferLoad(src, idx), idx)
-    reads = list(blk.reads) + [tirx.BufferRegion(src, [ir.Range.from_min_extent(v, 1) for v in idx])]
-    new = s_tir.SBlock(blk.iter_vars, reads, blk.writes, blk.name_hint, blk.body, init, blk.alloc_buffers,
-                       blk.match_buffers, blk.annotations)
-    sch.state.replace(sch.get_sref(rv), new, {blk: new})
-    return sch.mod["main"]
+    return (lambda i, n, g: dot[i, g, n].astype(F32) - ap.zp(i).astype(F32) * wsum0_t[g, n]), wmin_t
 
 
 def _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact, zero_in_dot=False,
@@ -426,10 +388,7 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
     a = xq if xs is None else xs
     decoded_v2 = decoded and has_wmin
     if decoded:
-        # v2: each group's codes centred on their rounded mean (_decoded_nibble_v2)
-        center = te.compute((n_pad // nb, G, nb, 4), lambda t, g, j, l: (
-            (wsum[t * nb + j, 0, g] + gs // 2) // gs).astype("int8"), name="wcen") if decoded_v2 else None
-        dot = _dot_int8(M, G, gs, n_pad, nb, kk, a, _unpacked_nibbles(wpack, n_pad, K, nb, 0, center, gs))
+        dot = _dot_int8(M, G, gs, n_pad, nb, kk, a, _unpacked_nibbles(wpack, n_pad, K, nb, 8 if decoded_v2 else 0))
     elif zero_in_dot:
         dot = _dot_nibble_zp(M, G, gs, n_pad, nb, a, ap, wpack)
     elif wfmt == "nibble":
@@ -446,7 +405,7 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
         if wfmt != "nibble":
             acc_f32 = _grouped_acc_int8(dot, wsum, ap, G, n_pad, o, _exact_in_f32(gs, wbits))
         elif decoded_v2:
-            acc_f32, wmin_t, zcorr = _decoded_nibble_v2(dot, wsum, wscale, wmin, center, G, gs, n_pad, nb)
+            acc_f32, wmin_t = _decoded_nibble_v2(dot, wsum, wscale, wmin, ap, G, gs, n_pad)
         elif zero_in_dot:  # acc = sum (xq - zp) * (u - 8) = dot - 8 * xsum (wzero = 0), exact in float32
             acc_f32 = lambda i, n, g: (dot[i, g, n].astype(F32)  # noqa: E731
                                        - tirx.const(8.0, F32) * xsum[i, g].astype(F32))
@@ -455,19 +414,9 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
         else:
             acc_f32 = _grouped_acc_nibble(dot, xqsum, wsum, ap, G, gs, n_pad)
         stages = ["wscale_t"] + ([] if decoded_v2 or zero_in_dot else ["wsum_t"]) \
-            + (["wsum0_t"] if wfmt == "nibble" and not zero_in_dot and not decoded_v2 else []) \
-            + (["wmin_t"] if has_wmin and not decoded_v2 else [])  # decoded v2: per panel (schedule.py)
+            + (["wsum0_t"] if wfmt == "nibble" and not zero_in_dot else []) + (["wmin_t"] if has_wmin else [])
         gr = te.reduce_axis((0, G), name="gr")
-        if decoded_v2:
-            # the row's float tile starts from its offsets and zero-point term (_decoded_nibble_v2), so each group
-            # adds only dot * ws; a TE reduction starts from a constant or a tensor: the schedule inlines zinit
-            go = te.reduce_axis((0, G), name="go")
-            offs = te.compute((M, n_pad), lambda i, n: te.sum(wmin_t[go, n] * xsum[i, go].astype(F32), axis=go),
-                              name="offs")
-            zinit = te.compute((M, n_pad), lambda i, n: offs[i, n] - ap.zp(i).astype(F32) * zcorr[n], name="zinit")
-            facc = te.compute((M, n_pad), lambda i, n: te.sum(acc_f32(i, n, gr) * wscale_t[gr, n], axis=gr,
-                                                              init=zinit[i, n]), name="facc")
-        elif has_wmin:
+        if has_wmin:
             # two terms per group, each FMA'd into the float tile (the order of a float sum is free)
             part = te.reduce_axis((0, 2), name="part")
 
@@ -556,8 +505,6 @@ def _linear_func(wbits, N, K, target, *, group_size=None, has_bias=False, requan
     args, info = linear_tensors(N, K, isa, wbits, group_size=group_size, has_bias=has_bias, requant=requant, m=m,
                                 name=name, wfmt=wfmt, act=act, has_wmin=has_wmin, tables=tables, **fusion)
     func = te.create_prim_func(args).with_attr("global_symbol", name)
-    if info["decoded"] and info["has_wmin"]:
-        func = _reduction_starts_from(func, "facc", "zinit")
     return schedule_linear(func, info) if schedule else func
 
 

@@ -134,32 +134,20 @@ def linear_v2(xq, act_scale, act_zero, q, wzero, wscale, wmin=None, xsum=None, b
     return linear_epilogue_v2(linear_acc(xq, act_zero, q, wzero, g), wscale, act_scale, wmin, xsum, bias)
 
 
-def linear_error_bound(acc, wscale, act_scale, wmin=None, xsum=None, bias=None, kernel=None) -> np.ndarray:
+def linear_error_bound(acc, wscale, act_scale, wmin=None, xsum=None, bias=None) -> np.ndarray:
     """Bound on |kernel - linear_v2| from float32 rounding alone: each of the two results is a sum of
     T = 2G + 2 rounded terms (G products acc*ws, G offsets wmin*xsum, the scale, the bias), so each is within
     T * 2^-24 * S of the exact value, S = |s| * sum_g (|ws acc| + |wmin xsum|) + |bias| (Higham, recursive
-    summation; fused multiply-adds only remove roundings). The two may differ by twice that.
-
-    ``kernel``: the terms of a kernel that sums other ones than acc * ws (the nibble GEMM's row-start form,
-    ``linear._decoded_nibble_v2``): {"dot": [m, n, g] integers it multiplies by ws per group, "zero": [m, n, g]
-    zp * sum q' (subtracted once per row as zp * sum_g sum q' * ws, itself G rounded terms), "wmin": [n, g] the
-    offsets it uses (each rounded once)}. The bound is then the reference's T * 2^-24 * S plus the kernel's, with
-    its S over those terms and T = 4G + 3."""
-    ws = np.abs(np.asarray(wscale, np.float64))
-    s_abs = np.abs(np.asarray(act_scale, np.float64)).reshape(-1, 1)
-    G = np.asarray(acc).shape[2]
-
-    def total(ints, offsets):  # S of a sum whose group terms are ints * ws and offsets * xsum
-        S = sum(np.einsum("mng,ng->mn", np.abs(np.asarray(t, np.float64)), ws) for t in ints)
-        if wmin is not None:
-            S = S + np.abs(np.asarray(xsum, np.float64)) @ np.abs(np.asarray(offsets, np.float64)).T
-        S = S * s_abs
-        return S + np.abs(np.asarray(bias, np.float64))[None, :] if bias is not None else S
-
-    bound = (2 * G + 2) * 2.0**-24 * total([acc], wmin)
-    if kernel is None:
-        return 2 * bound
-    return bound + (4 * G + 3) * 2.0**-24 * total([kernel["dot"], kernel["zero"]], kernel["wmin"])
+    summation; fused multiply-adds only remove roundings). The two may differ by twice that."""
+    a = np.abs(np.asarray(acc, np.float64))
+    S = np.einsum("mng,ng->mn", a, np.abs(np.asarray(wscale, np.float64)))
+    G = a.shape[2]
+    if wmin is not None:
+        S = S + np.abs(np.asarray(xsum, np.float64)) @ np.abs(np.asarray(wmin, np.float64)).T
+    S = S * np.abs(np.asarray(act_scale, np.float64)).reshape(-1, 1)
+    if bias is not None:
+        S = S + np.abs(np.asarray(bias, np.float64))[None, :]
+    return 2 * (2 * G + 2) * 2.0**-24 * S
 
 
 def qk_int8(q8, k8, q_scale, k_scale, causal: bool = False) -> np.ndarray:

@@ -12,9 +12,7 @@ GEMV (``m=1``): the same nest with up to 8 tiles in flight (weight-load bound); 
 (one sequential weight stream per thread, ``_gemv_nt``).
 Without a dot-product instruction (Cortex-A72) the tiles use NEON smull + saddlp + addp.
 Grouped weights (G > 1) and the nibble format: ``parallel(n panels) > [K chunks] > rows > groups > [int32 tile] >
-[float tile += its correction, conversion and scales]``, both tiles in registers (``_schedule_grouped``). The nibble
-GEMM with float offsets (v2) starts each row's float tile from its offsets and zero-point term, so a group adds only
-its converted dot times its scales (``_schedule_row_start``, ``linear._decoded_nibble_v2``).
+[float tile += its correction, conversion and scales]``, both tiles in registers (``_schedule_grouped``).
 """
 
 from __future__ import annotations
@@ -194,26 +192,6 @@ def _tile_dot(sch, dot, info, ko, noi, ni, ki):
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _schedule_row_start(sch, info, panel, row) -> None:
-    """Decoded v2 (nibble GEMM with float offsets): each row's float tile starts from its offsets sum_g wmin * xsum
-    minus the zero-point term (``linear._decoded_nibble_v2``), computed before the group loop (per row, or for all
-    rows of the panel when its groups come in K chunks) from the panel's [G, n] offsets and zero-point sums, made
-    once per panel. The group loop then adds only dot * ws. On a C model of the loop (scripts/bench_gemm_epilogue.c)
-    the per-group offset FMA, with its xsum broadcast, cost ~20%: 76 -> 93 GMAC/s once moved out."""
-    sch.compute_inline(sch.get_sblock("zinit"))
-    offs = sch.get_sblock("offs")
-    sch.compute_at(offs, row)
-    sch.compute_at(sch.get_sblock("wmin_t"), panel)
-    sch.compute_at(sch.get_sblock("zcorr"), panel)
-    n, go = sch.get_loops(offs)[-2:]
-    sch.reorder(go, n)  # groups outer, the panel's outputs in vectors inside
-    outer, lanes = sch.split(n, [None, info["nb"]])
-    sch.vectorize(lanes)
-    sch.unroll(outer)
-    init = sch.decompose_reduction(offs, go)
-    sch.vectorize(sch.get_loops(init)[-1])
-
-
 def _schedule_grouped(sch, info, nt, chunks):
     """Grouped weights (and the nibble format): parallel(n panels) > rows > groups > [the group's int32 tile,
     tensorized] > [correct, convert and FMA it into the row's float tile]. Both tiles are nt*nb values, small
@@ -239,8 +217,6 @@ def _schedule_grouped(sch, info, nt, chunks):
     if part:
         sch.unroll(part[0])
     sch.parallel(no)
-    if info["decoded"] and info["has_wmin"]:
-        _schedule_row_start(sch, info, no, i if chunks == 1 else no)
     if info["outs"] or info["x_float"]:
         _schedule_outs(sch, info)
     else:
@@ -260,10 +236,6 @@ def _schedule_grouped(sch, info, nt, chunks):
         wdec = sch.get_sblock("wdec")
         sch.compute_at(wdec, gro if chunks > 1 else no)
         sch.vectorize(sch.fuse(*sch.get_loops(wdec)[-2:]))
-        if info["has_wmin"]:  # the groups' code centres, once per panel (linear._decoded_nibble_v2)
-            wcen = sch.get_sblock("wcen")
-            sch.compute_at(wcen, no)
-            sch.vectorize(sch.fuse(*sch.get_loops(wcen)[-2:]))
     dn, dk = sch.get_loops(dot)[-2:]
     dnoi, dni = sch.split(dn, [None, nb])
     ko, ki = sch.split(dk, [None, kk])

@@ -25,6 +25,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 CPU_FLAGS = {"x86-avx512": ["avx512bw", "avx512f"], "x86-avx2": ["avx2"]}
 
 
+def code_fingerprint(root: Path | None = None) -> str:
+    """16 hex digits of a hash of the sources that decide what a module computes (`agile_tvm/kernels`,
+    `agile_tvm/frontend`), written to the manifest as "code": a cached module (e.g. `scripts/bench_ppl.py`'s, next
+    to its checkpoint) whose fingerprint differs was compiled from other kernels and must be exported again."""
+    import hashlib
+
+    root = root or Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for sub in ("kernels", "frontend"):
+        for f in sorted((root / sub).glob("*.py")):
+            h.update(f"{sub}/{f.name}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
@@ -91,6 +105,7 @@ def export(ckpt_dir, target_name: str, out_dir, max_seq_len: int | None = None, 
         "calib_corpus": (ckpt.manifest.get("calibration") or {}).get("corpus"),
         "hf_config": ckpt.config,
         "eos_token_id": ckpt.config.get("eos_token_id"),
+        "code": code_fingerprint(),
         **{k: v for k, v in meta.items() if k != "weights"},
         "weights": list(weights),
     }
