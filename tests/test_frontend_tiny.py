@@ -36,11 +36,6 @@ import torch
 
 from agile_tvm.errors import UserError
 
-try:
-    from tvm.tirx import IntImm as tvm_int
-except ImportError:  # tvm absent: the tests below skip at their tvm imports
-    tvm_int = int
-
 CASES = {  # arch[-variant] -> (scheme, weight method): every architecture, activation width and weight path
     "llama": ("agileq8", "gptq"),
     "opt": ("agileq4", "rtn"),
@@ -256,13 +251,15 @@ def _attention_rows(func) -> list:
 def test_prefill_runs_its_last_layer_on_the_last_row(case, tmp_path):
     """prefill returns the last token's logits only, so its last decoder layer keeps only the last query (all keys
     still go to the cache): 1 query row there, every row in the layers before; forward_all keeps every row."""
+    from tvm.tirx import IntImm
+
     from agile_tvm.frontend import build_module
 
     mod, _, meta = build_module(_quantize(case, tmp_path / "ckpt"), max_seq_len=MAX_LEN)
     rows = _attention_rows(mod["prefill"])
     assert len(rows) == meta["num_layers"]
-    assert [isinstance(r, tvm_int) and int(r) == 1 for r in rows] == [False] * (len(rows) - 1) + [True]
-    assert not any(isinstance(r, tvm_int) for r in _attention_rows(mod["forward_all"]))
+    assert [isinstance(r, IntImm) and int(r) == 1 for r in rows] == [False] * (len(rows) - 1) + [True]
+    assert not any(isinstance(r, IntImm) for r in _attention_rows(mod["forward_all"]))
 
 
 def test_kv_cache_prefill_decode_equals_full_forward(exported):
