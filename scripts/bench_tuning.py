@@ -3,9 +3,10 @@
 
     .venv/bin/python scripts/bench_tuning.py [--target x86-avx2] [--set v2|v1|all] [--out results/tuning.json]
 
-Kernel sets: "v2" (default) the static-shape kernels the frontend emits for the model that was tuned (`agile-tvm
-tune --model CKPT` keeps them in tune_logs/<target>/kernels.json: the decode GEMVs with the per-token quantizer
-inside, fused q/k/v and gate/up, the INT8 LM head); "v1" the earlier W4A8 shapes `w4a8_n{N}_k{K}_m{M}` (rows of
+Kernel sets: "v2" (default) the kernels the frontend emits for the model that was tuned (`agile-tvm tune --model
+CKPT` keeps them in tune_logs/<target>/kernels.json: the decode GEMVs with the per-token quantizer inside, fused
+q/k/v and gate/up, the INT8 LM head; the static M=512 proxies of the prefill kernels, and for those also the
+symbolic-M kernel itself, hand and with the proxy's trace replayed: what the model runs); "v1" the earlier W4A8 shapes `w4a8_n{N}_k{K}_m{M}` (rows of
 a set not measured are kept from the previous results file, with their own date).
 
 "untuned" is the kernel's TE compiled with TVM's default (unscheduled) lowering, "hand" the kernels' own
@@ -64,7 +65,7 @@ def measure(name, target_name, target, specs, tune_db, trials, minutes, repeat) 
 
     from agile_tvm.tune import records
     from agile_tvm.tune.export import outputs_match, random_args, run_local, verify_schedule
-    from agile_tvm.tune.workloads import hand_func, workload
+    from agile_tvm.tune.workloads import PREFILL_PROXY_M, hand_func, workload
 
     wl = workload(name, target_name, specs)
     ref, flops = wl.func, wl.flops
@@ -90,11 +91,37 @@ def measure(name, target_name, target, specs, tune_db, trials, minutes, repeat) 
                 best = g if best is None else max(best, g)
     row["tuned_gflops"] = None if best is None else round(best, 2)
     row["tuned_over_hand"] = None if best is None else round(best / row["hand_gflops"], 2)
+    if spec is not None and spec["options"].get("m") == PREFILL_PROXY_M:
+        # a prefill proxy: what the model runs is the symbolic-M kernel, hand or with the proxy's trace replayed
+        row.update(symbolic_gflops(spec, ref, target_name, target, tune_db, arrays, flops, repeat, want))
     row["shipped_in_schedules"] = records.tuned_func(ref, target_name) is not None
     row["trials"] = trials.get(name, 0)
     row["tuning_minutes"] = minutes.get(name)
     print(json.dumps(row), flush=True)
     return row
+
+
+def symbolic_gflops(spec, proxy, target_name, target, tune_db, arrays, flops, repeat, want) -> dict:
+    """The symbolic-M kernel of a prefill proxy at the proxy's M: hand-scheduled, and with the best tuning
+    record's trace replayed (`records.replayed_func`, what the frontend compiles), checked against `want`."""
+    import tvm
+
+    from agile_tvm.tune import records
+    from agile_tvm.tune.export import outputs_match, run_local
+    from agile_tvm.tune.workloads import kernel_func
+
+    symbolic = dict(spec, options=dict(spec["options"], m=None))
+    out = {}
+    hand = tvm.compile(kernel_func(symbolic, target_name, schedule=True), target=target).mod
+    out["hand_symbolic_gflops"] = round(gflops(hand, arrays, flops, repeat), 2)
+    tuned = records.replayed_func(kernel_func(symbolic, target_name), proxy, target_name, tune_db) \
+        if tune_db is not None else None
+    if tuned is not None:
+        mod = tvm.compile(tuned, target=target).mod
+        out["tuned_symbolic_matches_untuned"] = outputs_match(run_local(mod, [a.copy() for a in arrays]), want)[0]
+        out["tuned_symbolic_gflops"] = round(gflops(mod, arrays, flops, repeat), 2)
+        out["tuned_symbolic_over_hand"] = round(out["tuned_symbolic_gflops"] / out["hand_symbolic_gflops"], 2)
+    return out
 
 
 def main() -> int:
@@ -132,8 +159,10 @@ def main() -> int:
     result = {
         "what": "SmolLM2-135M linear kernels, GFLOP/s = 2*M*N*K/t (N of a fused kernel: all its outputs, padded), "
                 "medians; untuned vs hand vs tuned (best verified of the top-5 tuning records, re-measured here); "
-                "shipped = exported to schedules/ (only records faster than the hand schedule are). v2: the static "
-                "(decode, M=1) kernels the frontend emits for the agileq8 checkpoint; v1: the earlier W4A8 shapes",
+                "shipped = exported to schedules/ (only records faster than the hand schedule are). v2: the kernels "
+                "the frontend emits for the agileq8 checkpoint: decode (M=1) and the static M=512 proxies of the "
+                "prefill kernels, with *_symbolic_*: the symbolic-M prefill kernel itself at M=512, hand and with "
+                "the proxy's best trace replayed (what the model runs); v1: the earlier W4A8 shapes",
         "target": target_name, "machine": platform.processor() or platform.machine(),
         "cpu_flags_note": "this machine has AVX2 but no AVX-512: x86-avx512 cannot be measured here"
         if target_name != "x86-avx512" else "",

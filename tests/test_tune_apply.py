@@ -75,19 +75,41 @@ def _decode_logits(ckpt, out):
     return np.stack(steps), manifest
 
 
-def test_frontend_kernels_are_the_static_decode_kernels(specs):
-    """Every collected kernel is an m=1 GEMV that quantizes x itself; q/k/v and gate/up come fused; the LM head
-    is the 8-bit int8-tile kernel."""
-    assert specs and all(s["options"]["m"] == 1 and s["options"]["x_float"] for s in specs.values())
-    assert any(s["options"].get("outs") and len(s["options"]["outs"]) == 3 for s in specs.values())  # q/k/v
-    assert any(s["wbits"] == 8 and s["options"]["wfmt"] == "int8" for s in specs.values())  # LM head
+def _decode(specs):
+    return {n: s for n, s in specs.items() if s["options"]["m"] == 1}
+
+
+def test_frontend_kernels_are_the_decode_kernels_and_prefill_proxies(specs):
+    """Decode: m=1 GEMVs that quantize x themselves; q/k/v and gate/up come fused; the LM head is the 8-bit
+    int8-tile kernel. Prefill: a static M=512 proxy of each symbolic-M kernel (q/k/v as slices of one weight)."""
+    from agile_tvm.tune.workloads import PREFILL_PROXY_M
+
+    decode = _decode(specs)
+    assert decode and all(s["options"]["x_float"] for s in decode.values())
+    assert any(s["options"].get("outs") and len(s["options"]["outs"]) == 3 for s in decode.values())  # q/k/v
+    assert any(s["wbits"] == 8 and s["options"]["wfmt"] == "int8" for s in decode.values())  # LM head
+    prefill = {n: s for n, s in specs.items() if n not in decode}
+    assert prefill and all(s["options"]["m"] == PREFILL_PROXY_M and not s["options"].get("x_float")
+                           for s in prefill.values())
+    assert sum(bool(s["options"].get("n_total")) for s in prefill.values()) >= 3  # q, k, v slices
+
+
+def _prefill_logits(ckpt, out):
+    from agile_tvm.runtime import load_module
+    from agile_tvm.runtime.export import export
+
+    export(ckpt, X86, out, max_seq_len=MAX_LEN, log=lambda *a: None)
+    lm = load_module(out)
+    ids = np.random.RandomState(1).randint(0, 256, (1, 20))
+    last, _ = lm.step(ids, 0, lm.new_cache())
+    return np.asarray(last)
 
 
 def test_record_applied_when_compiling_and_logits_unchanged(ckpt, specs, tmp_path, monkeypatch):
     from agile_tvm.frontend import build_module
     from agile_tvm.tune import records
 
-    name = next(n for n, s in specs.items() if s["wbits"] == 4 and not s["options"].get("outs"))
+    name = next(n for n, s in _decode(specs).items() if s["wbits"] == 4 and not s["options"].get("outs"))
     monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path / "empty"))  # missing folder: hand schedules only
     hand, hand_manifest = _decode_logits(ckpt, tmp_path / "hand")
     assert "tuned records: none for this target" in hand_manifest["schedules"]
@@ -108,8 +130,45 @@ def test_record_applied_when_compiling_and_logits_unchanged(ckpt, specs, tmp_pat
             if f.attrs is not None and "agile_tvm.schedule" in f.attrs} == {"hand"}
 
     tuned, manifest = _decode_logits(ckpt, tmp_path / "tuned")
-    assert f"tuned records: 1 of {len(specs)} static linear kernels (schedules/{X86})" in manifest["schedules"]
+    assert f"tuned records: 1 of {len(specs)} linear kernels (schedules/{X86})" in manifest["schedules"]
     np.testing.assert_array_equal(tuned, hand)
+
+
+def test_prefill_kernel_replays_its_proxys_record_and_logits_unchanged(ckpt, specs, tmp_path, monkeypatch):
+    """A record tuned on a prefill kernel's static proxy (a hand-space point other than the hand choice) is
+    replayed on the symbolic-M kernel the prefill runs: the kernel is marked, its loops are the record's, and the
+    prefill logits are exactly the hand build's (tiles and chunks change the loop order, not the sums)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from agile_tvm.frontend import build_module
+    from agile_tvm.kernels.schedule import schedule_linear
+    from agile_tvm.tune.targets import tuning_target
+    from agile_tvm.tune.workloads import PREFILL_PROXY_M, kernel_func, kernel_info
+
+    monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path / "empty"))
+    hand = _prefill_logits(ckpt, tmp_path / "hand")
+    name = next(n for n, s in specs.items() if s["options"]["m"] == PREFILL_PROXY_M and s["wbits"] == 4
+                and not s["options"].get("n_total"))
+    func = kernel_func(specs[name], X86)
+    mod = _normalize_mod(func)
+    sch = tvm.s_tir.Schedule(mod)
+    schedule_linear(None, kernel_info(specs[name], X86), sch=sch, nt=1, chunked=True, chunks=2)
+    folder = tmp_path / "sched" / X86
+    folder.mkdir(parents=True)
+    db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=True)
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(_normalize_mod(
+        kernel_func(specs[name], X86))), [1e-6], tuning_target(X86), ArgInfo.from_prim_func(func)))
+    monkeypatch.setenv("AGILE_TVM_SCHEDULES", str(tmp_path / "sched"))
+    built, _, _ = build_module(ckpt, max_seq_len=MAX_LEN, target=X86)
+    replayed = [f for _, f in built.functions.items() if f.attrs is not None
+                and str(f.attrs.get("agile_tvm.schedule", "")) == f"record {X86} (M={PREFILL_PROXY_M} proxy)"]
+    assert len(replayed) == 1
+    assert f"({PREFILL_PROXY_M}," not in replayed[0].script(), "the replayed kernel keeps its symbolic M"
+    assert replayed[0].script().count("T.parallel") == 1
+    np.testing.assert_array_equal(_prefill_logits(ckpt, tmp_path / "tuned"), hand)
 
 
 def test_empty_schedules_folder_keeps_hand_schedules(ckpt, specs, tmp_path, monkeypatch):

@@ -14,8 +14,8 @@ def register(subparsers) -> None:
                       help="kernel names, e.g. w4a8_n576_k576_m128 matmul_m64_n64_k64")
     what.add_argument("--model", default=None,
                       help="an agile-tvm checkpoint (or smollm2-135m: the newest agileq8 one in out/ckpt/): the "
-                           "static (decode) kernels the frontend emits for it; a Hugging Face folder (config.json): "
-                           "the v1 W4A8 linear shapes at M=1 and 128")
+                           "decode kernels the frontend emits for it and a static M=512 proxy of each prefill one; "
+                           "a Hugging Face folder (config.json): the v1 W4A8 linear shapes at M=1 and 128")
     p.add_argument("--work-dir", default=None, help="database folder (default tune_logs/<target>)")
     p.add_argument("--trials-per-iter", type=int, default=16)
     p.add_argument("--population", type=int, default=128, help="evolutionary search population")
@@ -23,6 +23,9 @@ def register(subparsers) -> None:
                    help="seconds to wait for a board to (re)appear under the key before giving up")
     p.add_argument("--num-cores", type=int, default=None, help="cores of the board (default per target)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--space", choices=("hand", "generic"), default="hand",
+                   help="hand: the kernels' hand schedule with each value of its tile and K-chunk parameters (the "
+                        "default; tuned >= hand by construction); generic: MetaSchedule's own LLVM rules")
     p.set_defaults(func=run_tune)
 
     s = subparsers.add_parser("schedules", help="manage the curated tuned schedules in schedules/<target>/")
@@ -49,7 +52,7 @@ def run_tune(args) -> int:
     opts = TuneOptions(target=args.target, tracker=args.tracker, key=args.key, trials=args.trials, kernels=kernels,
                        kernel_specs=specs, work_dir=Path(args.work_dir) if args.work_dir else None,
                        trials_per_iter=args.trials_per_iter, population=args.population, board_wait=args.board_wait,
-                       num_cores=args.num_cores, seed=args.seed)
+                       num_cores=args.num_cores, seed=args.seed, space=args.space)
     tune(opts)
     return 0
 

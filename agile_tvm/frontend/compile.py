@@ -1,7 +1,8 @@
 """Compile a frontend IRModule for a target: tuned records first, hand schedules for the rest, then `tvm.compile`.
 
 Order (records are keyed by the fused TIR functions, so legalize + fuse must run before applying them):
-0. the frontend already put the tuned records of its static-shape linear kernels in place (`frontend.linears`);
+0. the frontend already put the tuned records of its linear kernels in place (`frontend.linears`: a decode
+   kernel's own record, a prefill kernel's static proxy's trace replayed on it);
    how many it found is logged here, one line per compile;
 1. `agile_tvm.tune.records.apply_schedules` legalizes, fuses and applies `schedules/<target>/` when it exists;
 2. every TIR function still unscheduled gets a hand schedule (`hand_schedule`): the kernels of
@@ -16,8 +17,8 @@ import sys
 
 
 def _tuned_kernels_line(mod) -> str | None:
-    """'tuned records: 5 of 8 static linear kernels (schedules/x86-avx2) ...': what the frontend found for the
-    kernels it marked (`frontend.linears.LinearEmitter._tuned_kernel`); None when there are no static kernels."""
+    """'tuned records: 5 of 15 linear kernels (schedules/x86-avx2) ...': what the frontend found for the kernels
+    it marked (`frontend.linears.LinearEmitter._tuned_kernel`); None when there are no integer linear kernels."""
     marks = [str(f.attrs["agile_tvm.schedule"]).split() for _, f in mod.functions.items()
              if f.attrs is not None and "agile_tvm.schedule" in f.attrs]
     if not marks:
@@ -25,10 +26,10 @@ def _tuned_kernels_line(mod) -> str | None:
     targets = sorted({m[1] for m in marks if len(m) > 1})
     if not targets:
         return (f"tuned records: none for this target (no schedules/<target>/ records for its ISA, or --no-tuned): "
-                f"{len(marks)} static linear kernels keep their hand schedules")
+                f"{len(marks)} linear kernels keep their hand schedules")
     found = sum(m[0] == "record" for m in marks)
-    return (f"tuned records: {found} of {len(marks)} static linear kernels (schedules/{targets[0]}); the rest "
-            f"and every symbolic-shape kernel keep their hand schedules")
+    return (f"tuned records: {found} of {len(marks)} linear kernels (schedules/{targets[0]}); the rest keep their "
+            f"hand schedules")
 
 
 def compile_relax(mod, target, target_name: str | None):

@@ -137,10 +137,9 @@ class LinearEmitter:
                 options = dict(act="token", has_wmin=spec.float_zero) if v2 else {}  # v1: the v1 signature
                 options = dict(group_size=k // spec.groups, has_bias=spec.has_bias, m=m, wfmt=wfmt, tables="tiled",
                                **options, **fusion)
-                func = self._tuned_kernel(make, spec.w_bits, n_out, k, options) if m else None
+                func = self._tuned_kernel(make, spec.w_bits, n_out, k, options)
                 if func is None:
-                    func = make(n_out, k, self.target, **options)
-                    func = func.with_attr("agile_tvm.schedule", self._hand_mark()) if m else func
+                    func = make(n_out, k, self.target, **options).with_attr("agile_tvm.schedule", self._hand_mark())
                 self.tir(key, func.without_attr("global_symbol"))
             if name is None and spec.prefix + ".wpack" not in self.weights.arrays:
                 for suffix, array in self._packed_arrays(spec, wfmt, fusion["compact"]).items():
@@ -150,11 +149,13 @@ class LinearEmitter:
         return self._funcs[key]
 
     def _tuned_kernel(self, make, wbits: int, n_out: int, k: int, options: dict):
-        """The static-shape kernel `make(n_out, k, target, **options)` with its tuned schedule from
-        `schedules/<target>/`, or None (the caller keeps the hand schedule). The records are opened once per build
-        and matched by the kernel's unscheduled TE (`tune.records`); a builder with a `kernel_specs` dict also
-        collects every static kernel there (what `agile-tvm tune --model` tunes: `tune.workloads`)."""
+        """The kernel `make(n_out, k, target, **options)` with its tuned schedule from `schedules/<target>/`, or
+        None (the caller keeps the hand schedule). The records are opened once per build and matched by the
+        kernel's unscheduled TE (`tune.records`): a static (decode) kernel's own, a symbolic-M (prefill) kernel's
+        static proxy's (M = `PREFILL_PROXY_M`), whose trace is replayed on it. A builder with a `kernel_specs`
+        dict also collects every static kernel and proxy there (what `agile-tvm tune --model` tunes)."""
         from agile_tvm.tune.records import ScheduleRecords
+        from agile_tvm.tune.workloads import PREFILL_PROXY_M
 
         specs = self.__dict__.get("kernel_specs")
         if "_schedule_records" not in self.__dict__:
@@ -162,13 +163,19 @@ class LinearEmitter:
         records = self._schedule_records
         if specs is None and records is None:
             return None  # nothing to collect or look up: skip building the unscheduled twin
-        unscheduled = make(n_out, k, self.target, schedule=False, **options)
+        symbolic = options.get("m") is None
+        keyed = dict(options, m=PREFILL_PROXY_M) if symbolic else options
+        unscheduled = make(n_out, k, self.target, schedule=False, **keyed)
         if specs is not None:
-            specs[str(unscheduled.attrs["global_symbol"])] = dict(wbits=wbits, N=n_out, K=k, options=options)
+            specs[str(unscheduled.attrs["global_symbol"])] = dict(wbits=wbits, N=n_out, K=k, options=keyed)
         if records is None:
             return None
-        tuned = records.tuned(unscheduled)
-        return None if tuned is None else tuned.with_attr("agile_tvm.schedule", f"record {records.target_name}")
+        if symbolic:
+            tuned = records.replayed(make(n_out, k, self.target, schedule=False, **options), unscheduled)
+            how = f"record {records.target_name} (M={PREFILL_PROXY_M} proxy)"
+        else:
+            tuned, how = records.tuned(unscheduled), f"record {records.target_name}"
+        return None if tuned is None else tuned.with_attr("agile_tvm.schedule", how)
 
     def _hand_mark(self) -> str:
         """How a static kernel without a record is marked for the compile log: "hand x86-avx2" (records looked up,

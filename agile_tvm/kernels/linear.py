@@ -483,14 +483,21 @@ def _fusion_suffix(n_offset=0, n_total=None, outs=None, x_float=False, a_bits=8,
             + (f"_xf{a_bits}" if x_float else "") + ("_c16" if compact else "") + ("_zd" if zero_in_dot else ""))
 
 
-def _linear_func(wbits, N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt=None,
-                 act="tensor", has_wmin=False, tables="ng", schedule=True, **fusion):
+def _linear_func(wbits, N, K, target, *, schedule=True, **options):
     """The linear kernel as a PrimFunc named after its options: hand-scheduled (``schedule_linear``), or with
     ``schedule=False`` the unscheduled TE the hand schedule starts from, which is what tuning records are keyed by
     (``agile_tvm.tune.records.tuned_func``)."""
-    from agile_tvm.targets import get_target, isa_of
-
     from .schedule import schedule_linear
+
+    func, info = linear_te(wbits, N, K, target, **options)
+    return schedule_linear(func, info) if schedule else func
+
+
+def linear_te(wbits, N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt=None,
+              act="tensor", has_wmin=False, tables="ng", **fusion):
+    """(the unscheduled kernel PrimFunc named after its options, the ``info`` its schedules read): what
+    ``_linear_func`` schedules by hand and ``agile_tvm.tune.space.hand_space`` offers MetaSchedule."""
+    from agile_tvm.targets import get_target, isa_of
 
     check_v2_options(act, has_wmin, requant)
     tgt = get_target(target)
@@ -504,8 +511,7 @@ def _linear_func(wbits, N, K, target, *, group_size=None, has_bias=False, requan
             + _fusion_suffix(**fusion))
     args, info = linear_tensors(N, K, isa, wbits, group_size=group_size, has_bias=has_bias, requant=requant, m=m,
                                 name=name, wfmt=wfmt, act=act, has_wmin=has_wmin, tables=tables, **fusion)
-    func = te.create_prim_func(args).with_attr("global_symbol", name)
-    return schedule_linear(func, info) if schedule else func
+    return te.create_prim_func(args).with_attr("global_symbol", name), info
 
 
 def w4a8_linear_func(N, K, target, *, group_size=None, has_bias=False, requant=False, m=None, wfmt=None,

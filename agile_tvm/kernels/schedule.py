@@ -83,15 +83,21 @@ def _intrinsic(info) -> str | None:
     return None
 
 
-def schedule_linear(func, info, *, nt: int | None = None):
-    """Apply the default schedule for ``info['isa']`` to a linear PrimFunc from ``linear.linear_tensors``."""
+def schedule_linear(func, info, *, nt: int | None = None, chunks: int | None = None, chunked: bool | None = None,
+                    sch=None):
+    """Apply the default schedule for ``info['isa']`` to a linear PrimFunc from ``linear.linear_tensors``.
+
+    The free parameters (None: the hand choice; ``agile_tvm.tune.space.hand_space`` offers the others to
+    MetaSchedule): ``nt`` tiles per panel; for grouped weights ``chunks`` K chunks and ``chunked``, the form with
+    the groups split into chunks and the output pass after the panel (with one chunk too), or the output per row.
+    ``sch``: schedule into this (traced) Schedule of the unscheduled function instead of a new one of ``func``."""
     nb, kk = info["nb"], info["kk"]
     gemv = info["m"] == 1
     nblocks = info["n_pad"] // nb
-    sch = s_tir.Schedule(func)
+    sch = sch if sch is not None else s_tir.Schedule(func)
     if info["grouped"]:
-        nt_g, chunks = (_gemv_nt(nblocks, info), 1) if gemv else _grouped_tiling(info)
-        return _schedule_grouped(sch, info, nt or nt_g, chunks)
+        nt_g, chunks_g = (_gemv_nt(nblocks, info), 1) if gemv else _grouped_tiling(info)
+        return _schedule_grouped(sch, info, nt or nt_g, chunks or chunks_g, chunked)
     if nt is None:
         nt = _gemv_nt(nblocks) if gemv else _gemm_nt(nblocks, nb * info["K"] * (2 if kk == 2 else 1))
     dot = sch.get_sblock("dot")
@@ -192,7 +198,7 @@ def _tile_dot(sch, dot, info, ko, noi, ni, ki):
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _schedule_grouped(sch, info, nt, chunks):
+def _schedule_grouped(sch, info, nt, chunks, chunked=None):
     """Grouped weights (and the nibble format): parallel(n panels) > rows > groups > [the group's int32 tile,
     tensorized] > [correct, convert and FMA it into the row's float tile]. Both tiles are nt*nb values, small
     enough for registers, so nothing per group reaches memory (the old form stored acc[m, n, g] and summed the
@@ -203,13 +209,14 @@ def _schedule_grouped(sch, info, nt, chunks):
     epilogue reads them as vectors; float weight offsets add a second FMA per group (``part``). GEMV reads the
     [N, G] tensors in place instead."""
     nb, kk = info["nb"], info["kk"]
+    chunked = chunks > 1 if chunked is None else chunked
     out_name = "yq" if info["requant"] else "y"
     if info["requant"]:
         sch.compute_inline(sch.get_sblock("y"))
     facc = sch.get_sblock("facc")
     i, n, gr, *part = sch.get_loops(facc)  # part: the (scale, offset) pair of terms per group with wmin
     no, noi, ni = sch.split(n, [None, nt, nb])
-    if chunks > 1:
+    if chunked:
         gro, gr = sch.split(gr, [chunks, None])
         sch.reorder(no, gro, i, gr, noi, *part, ni)
     else:
@@ -220,13 +227,13 @@ def _schedule_grouped(sch, info, nt, chunks):
     if info["outs"] or info["x_float"]:
         _schedule_outs(sch, info)
     else:
-        sch.reverse_compute_at(sch.get_sblock(out_name), no if chunks > 1 else i)
+        sch.reverse_compute_at(sch.get_sblock(out_name), no if chunked else i)
     _schedule_quantizer(sch, info)
     for stage in info["stages"]:  # GEMV: one row cannot amortize a copy; read the tables in place (tiled: vectors)
         if info["m"] == 1:
             sch.compute_inline(sch.get_sblock(stage))
         else:
-            sch.compute_at(sch.get_sblock(stage), gro if chunks > 1 else no)
+            sch.compute_at(sch.get_sblock(stage), gro if chunked else no)
     dot = sch.get_sblock("dot")
     sch.compute_at(dot, gr)
     _place_xs(sch, info, i)
@@ -234,7 +241,7 @@ def _schedule_grouped(sch, info, nt, chunks):
         sch.compute_at(sch.get_sblock("xqsum"), i)
     if info["decoded"]:  # the panel's (chunk's) nibbles unpacked once into int8 tiles, before its rows
         wdec = sch.get_sblock("wdec")
-        sch.compute_at(wdec, gro if chunks > 1 else no)
+        sch.compute_at(wdec, gro if chunked else no)
         sch.vectorize(sch.fuse(*sch.get_loops(wdec)[-2:]))
     dn, dk = sch.get_loops(dot)[-2:]
     dnoi, dni = sch.split(dn, [None, nb])
@@ -250,9 +257,9 @@ def _schedule_grouped(sch, info, nt, chunks):
         _tile_dot(sch, dot, info, ko, dnoi, dni, ki)
     sch.unroll(noi)
     sch.vectorize(ni)
-    finit = sch.decompose_reduction(facc, gro if chunks > 1 else gr)
+    finit = sch.decompose_reduction(facc, gro if chunked else gr)
     sch.vectorize(sch.get_loops(finit)[-1])
-    if chunks > 1 and info["N"] % nb == 0 and not info["outs"]:  # the output pass over the panel (no ragged lanes)
+    if chunked and info["N"] % nb == 0 and not info["outs"]:  # the output pass over the panel (no ragged lanes)
         yl = sch.get_loops(sch.get_sblock(out_name))[-1]
         sch.vectorize(sch.split(yl, [None, nb])[1])
     return mark_scheduled(sch.mod["main"])

@@ -13,7 +13,10 @@ Two ways the compiler applies them, both falling back to what it had when there 
 
    The frontend does this for every static-shape linear kernel it emits (decode, m=1, incl. the LM head:
    `frontend.linears.LinearEmitter._linear_kernel`, database opened once per build: `ScheduleRecords`).
-   Symbolic-M (prefill) kernels keep the hand schedule: MetaSchedule tunes and matches static shapes only.
+   Symbolic-M (prefill) kernels: MetaSchedule tunes and matches static shapes only, so `agile-tvm tune --model`
+   tunes each one's static proxy (M = `workloads.PREFILL_PROXY_M`) in the hand space (`space.hand_space`), and
+   the proxy's best trace is replayed on the symbolic-M kernel (`replayed_func`): the trace holds only the hand
+   schedule's instructions with concrete parameters, none of which depends on M.
 
 2. A Relax module of ordinary ops (records tuned with `ms.relax_integration.tune_relax`): legalize + fuse
    first, since records are keyed by the *fused* TIR functions, then apply the database::
@@ -83,6 +86,9 @@ def open_database(work_dir: Path, create: bool):
     """A JSONDatabase on `work_dir` after validating it; `create` makes the folder (tuning appends there)."""
     from tvm.s_tir import meta_schedule as ms
 
+    from agile_tvm.tune.intrinsics import import_cpu_intrinsics
+
+    import_cpu_intrinsics()  # the loader parses traces that tensorize with the agile_* intrinsics: register them first
     work_dir = Path(work_dir)
     if create:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -154,6 +160,41 @@ def tuned_func(func, target_name: str, db=None):
     return tuned.with_attr("global_symbol", name) if name else tuned
 
 
+def replayed_func(func, proxy, target_name: str, db=None):
+    """`func` (an unscheduled symbolic-M kernel) scheduled by the trace of the best record of `proxy` (its
+    unscheduled static-M twin), or None: no record, or a record whose trace does not replay on `func` (one from
+    the "generic" space; a warning says so and the hand schedule stays)."""
+    db = db if db is not None else schedule_database(target_name)
+    if db is None:
+        return None
+    from agile_tvm.tune.intrinsics import import_cpu_intrinsics
+
+    import_cpu_intrinsics()
+    import tvm
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    from agile_tvm.tune.targets import tuning_target
+
+    record = db.query_tuning_record(_normalize_mod(proxy.with_attr("global_symbol", "main")),
+                                    tuning_target(target_name), "main")
+    if record is None:
+        return None
+    name = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else None
+    # a fresh copy: a Schedule of `_normalize_mod(f)` edits f's body in place (found in TVM 0.27)
+    sch = tvm.s_tir.Schedule(_normalize_mod(func.with_attr("global_symbol", "main")))
+    try:
+        record.trace.apply_to_schedule(sch, remove_postproc=True)
+    except tvm.TVMError as exc:
+        import sys
+
+        print(f"warning: the record of {name or 'a kernel'}'s static proxy does not replay on its symbolic-M "
+              f"kernel ({str(exc).strip().splitlines()[-1][:120]}): keeping the hand schedule; re-tune with the "
+              f"default hand space", file=sys.stderr)
+        return None
+    tuned = sch.mod["main"].with_attr("tir.is_scheduled", True)
+    return tuned.with_attr("global_symbol", name) if name else tuned
+
+
 class ScheduleRecords:
     """`schedules/<target>/` opened once for one model build: `tuned(func)` per kernel, counting what it found.
 
@@ -177,6 +218,12 @@ class ScheduleRecords:
     def tuned(self, func):
         self.asked += 1
         got = tuned_func(func, self.target_name, self.db)
+        self.found += got is not None
+        return got
+
+    def replayed(self, func, proxy):
+        self.asked += 1
+        got = replayed_func(func, proxy, self.target_name, self.db)
         self.found += got is not None
         return got
 

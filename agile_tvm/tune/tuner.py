@@ -31,6 +31,7 @@ class TuneOptions:
     num_cores: int | None = None
     builders: int = 2
     seed: int = 0
+    space: str = "hand"              # `space.SPACES`: the kernels' hand space, or MetaSchedule's generic rules
     quiet: bool = False
 
 
@@ -70,7 +71,7 @@ def tune(opts: TuneOptions) -> dict:
     from agile_tvm.tune import progress, records
     from agile_tvm.tune.builder import is_aarch64, make_builder
     from agile_tvm.tune.runner import make_runner
-    from agile_tvm.tune.space import space_generator
+    from agile_tvm.tune.space import space_for
     from agile_tvm.tune.targets import tuning_target
     from agile_tvm.tune.workloads import read_kernel_specs, workload, write_kernel_specs
 
@@ -129,13 +130,15 @@ def tune(opts: TuneOptions) -> dict:
         total = sum(n for _, n in todo)
         bar = tqdm(total=total, desc=f"tune {opts.target}", unit="trial", disable=opts.quiet, file=sys.stderr,
                    dynamic_ncols=True)
+        # the hand space has a few dozen points: asking the initial population for 50 unmeasured ones would spin
+        init_unmeasured = 8 if opts.space == "hand" else 50
         try:
             for i, (w, n) in enumerate(todo):
                 ctx = ms.TuneContext(
                     mod=w.func, target=target,
-                    space_generator=space_generator(w.name, target, specs.get(w.name)),
+                    space_generator=space_for(w, target, specs.get(w.name), opts.space),
                     search_strategy=ms.search_strategy.EvolutionarySearch(
-                        population_size=opts.population, init_min_unmeasured=min(50, opts.population)),
+                        population_size=opts.population, init_min_unmeasured=min(init_unmeasured, opts.population)),
                     task_name=w.name, rand_state=opts.seed + i, num_threads=target.attrs["num-cores"],
                 ).clone()
                 callbacks = [ms.measure_callback.AddToDatabase(), ms.measure_callback.RemoveBuildArtifact(),
@@ -156,12 +159,15 @@ def tune(opts: TuneOptions) -> dict:
     minutes = (time.time() - started) / 60
     done = progress.trials_done(work_dir)
     best = progress.best_gflops(work_dir)
+    # a run that ends normally short of its trials ran out of new candidates (the hand space is small)
     result = {"work_dir": str(work_dir), "minutes": round(minutes, 2),
-              "tasks": {w.name: {"trials": done.get(w.name, 0), "best_gflops": best.get(w.name)} for w in workloads}}
+              "tasks": {w.name: {"trials": done.get(w.name, 0), "best_gflops": best.get(w.name),
+                                 "exhausted": done.get(w.name, 0) < opts.trials} for w in workloads}}
     if not opts.quiet:
         for name, r in result["tasks"].items():
             g = f"{r['best_gflops']:.1f} GFLOP/s" if r["best_gflops"] else "no valid candidate yet"
-            _say(f"  {name}: {r['trials']} trials, best {g}")
+            note = " (every distinct schedule of its search space measured)" if r["exhausted"] else ""
+            _say(f"  {name}: {r['trials']} trials{note}, best {g}")
         _say(f"tuning curve: {work_dir / 'tuning_curve.png'}; refresh schedules/ with "
              f"`agile-tvm schedules export --target {opts.target}`")
     return result

@@ -11,9 +11,10 @@ Names:
 
 `agile-tvm tune --model CKPT` tunes what the model really runs: the static-shape (decode, m=1) linear kernels the
 frontend emits for that checkpoint (v2: per-token activations quantized inside the GEMV, fused q/k/v and
-gate/up, the INT8 LM head), collected by a dry run of the frontend (`frontend_kernels`). Their options are kept
-in `kernels.json` next to the tuning database, so export and the benchmark rebuild the same functions by name.
-Symbolic-M (prefill) kernels are not tuned: MetaSchedule needs static shapes, and they keep the hand schedule.
+gate/up, the INT8 LM head) and a static proxy (M = `PREFILL_PROXY_M`) of each symbolic-M prefill kernel, collected
+by a dry run of the frontend (`frontend_kernels`). Their options are kept in `kernels.json` next to the tuning
+database, so export and the benchmark rebuild the same functions by name. MetaSchedule needs static shapes; a
+proxy's trace replays on the symbolic-M kernel at compile time (`records.replayed_func`).
 Without a checkpoint (`--model` of a Hugging Face config), the kernel set is the v1 one from the config: every
 distinct linear shape at M in {1, 128}. A tuned record applies to the same unscheduled function
 (records.tuned_func), whatever its name.
@@ -29,6 +30,9 @@ from pathlib import Path
 from agile_tvm.errors import UserError
 
 PREFILL_M = 128
+#: The static M a symbolic-M (prefill) kernel is tuned at; its trace then replays on any M (`records.replayed_func`).
+#: 512 is the prompt length of the prefill benchmark's headline.
+PREFILL_PROXY_M = 512
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
 _LINEAR = re.compile(r"^(w4a8|w8a8)_n(\d+)_k(\d+)_m(\d+)$")
 _MATMUL = re.compile(r"^matmul_m(\d+)_n(\d+)_k(\d+)$")
@@ -39,6 +43,7 @@ class Workload:
     name: str
     func: object          # unscheduled tvm.tirx.PrimFunc, global_symbol "main"
     flops: float          # 2*M*N*K: what GFLOP/s is measured against
+    info: dict | None = None  # a kernel's schedule parameters (`kernels.linear.linear_tensors`); None: a matmul
 
 
 def plain_matmul(M: int, N: int, K: int):
@@ -52,8 +57,9 @@ def plain_matmul(M: int, N: int, K: int):
     return te.create_prim_func([a, b, c]).with_attr("global_symbol", "main")
 
 
-def linear_func(wbits: int, N: int, K: int, M: int, target_name: str):
-    """The kernels' linear TE with static M, unscheduled (the hand schedule is what the kernels add on top)."""
+def linear_func(wbits: int, N: int, K: int, M: int, target_name: str, with_info: bool = False):
+    """The kernels' linear TE with static M, unscheduled (the hand schedule is what the kernels add on top);
+    `with_info`: (func, the kernel's schedule parameters)."""
     from tvm import te
 
     from agile_tvm.kernels import linear
@@ -61,8 +67,9 @@ def linear_func(wbits: int, N: int, K: int, M: int, target_name: str):
     from agile_tvm.tune.targets import tuning_target
 
     isa = isa_of(tuning_target(target_name))
-    args, _ = linear.linear_tensors(N, K, isa, wbits, m=M)
-    return te.create_prim_func(args).with_attr("global_symbol", "main")
+    args, info = linear.linear_tensors(N, K, isa, wbits, m=M)
+    func = te.create_prim_func(args).with_attr("global_symbol", "main")
+    return (func, info) if with_info else func
 
 
 def hand_scheduled_func(wbits: int, N: int, K: int, M: int, target_name: str):
@@ -92,7 +99,8 @@ KERNELS_FILE = "kernels.json"
 
 def frontend_kernels(ckpt_dir, target_name: str) -> dict[str, dict]:
     """{kernel name: {"wbits", "N", "K", "options"}} of every static-shape linear kernel the frontend emits for the
-    checkpoint on `target_name` (a dry run of the graph builder: the module is built and dropped, ~20 s)."""
+    checkpoint on `target_name`, and the static proxy of each symbolic-M one (a dry run of the graph builder: the
+    module is built and dropped, ~20 s)."""
     from agile_tvm.frontend import model_class
     from agile_tvm.frontend.checkpoint import load_checkpoint
     from agile_tvm.frontend.graph import GraphBuilder
@@ -108,17 +116,30 @@ def frontend_kernels(ckpt_dir, target_name: str) -> dict[str, dict]:
     return {name: json.loads(json.dumps(spec)) for name, spec in sorted(g.kernel_specs.items())}
 
 
+def _spec_options(spec: dict) -> dict:
+    options = dict(spec["options"])
+    if options.get("outs"):
+        options["outs"] = tuple(tuple(int(v) for v in o) for o in options["outs"])
+    return options
+
+
 def kernel_func(spec: dict, target_name: str, schedule: bool = False):
     """The kernel of a `frontend_kernels` spec, unscheduled (what records are keyed by) or hand-scheduled."""
     from agile_tvm.kernels.linear import _linear_func
     from agile_tvm.tune.targets import tuning_target
 
-    options = dict(spec["options"])
-    if options.get("outs"):
-        options["outs"] = tuple(tuple(int(v) for v in o) for o in options["outs"])
     func = _linear_func(int(spec["wbits"]), int(spec["N"]), int(spec["K"]), tuning_target(target_name),
-                        schedule=schedule, **options)
+                        schedule=schedule, **_spec_options(spec))
     return func.with_attr("global_symbol", "main")
+
+
+def kernel_info(spec: dict, target_name: str) -> dict:
+    """The schedule parameters (`kernels.linear.linear_tensors` info) of a `frontend_kernels` spec's kernel."""
+    from agile_tvm.kernels.linear import linear_te
+    from agile_tvm.tune.targets import tuning_target
+
+    return linear_te(int(spec["wbits"]), int(spec["N"]), int(spec["K"]), tuning_target(target_name),
+                     **_spec_options(spec))[1]
 
 
 def kernel_flops(spec: dict) -> float:
@@ -162,11 +183,13 @@ def hand_func(name: str, target_name: str, specs: dict | None = None):
 def workload(name: str, target_name: str, specs: dict | None = None) -> Workload:
     """Workload `name`: a v1 linear or plain matmul by its name, or a frontend kernel found in `specs`."""
     if specs and name in specs:
-        return Workload(name, kernel_func(specs[name], target_name), kernel_flops(specs[name]))
+        return Workload(name, kernel_func(specs[name], target_name), kernel_flops(specs[name]),
+                        kernel_info(specs[name], target_name))
     m = _LINEAR.match(name)
     if m:
         kind, N, K, M = m.group(1), int(m.group(2)), int(m.group(3)), int(m.group(4))
-        return Workload(name, linear_func(4 if kind == "w4a8" else 8, N, K, M, target_name), 2.0 * M * N * K)
+        func, info = linear_func(4 if kind == "w4a8" else 8, N, K, M, target_name, with_info=True)
+        return Workload(name, func, 2.0 * M * N * K, info)
     m = _MATMUL.match(name)
     if m:
         M, N, K = (int(g) for g in m.groups())
