@@ -12,8 +12,9 @@ a set not measured are kept from the previous results file, with their own date)
 "untuned" is the kernel's TE compiled with TVM's default (unscheduled) lowering, "hand" the kernels' own
 schedule (agile_tvm.kernels.schedule), "tuned" the best verified of the top-5 records in tune_logs/ re-measured
 here (what export does), "shipped" whether schedules/<target>/ has a record for it (the frontend applies those).
-All run here, back to back, same inputs; trials and minutes come from tune_logs/<target>/curve.jsonl. The machine
-is shared: numbers are medians of several repeats and provisional.
+All run here on the same inputs, hand and tuned round by round in turn (this machine's speed drifts); decode
+GEMVs with cold caches (weights flushed before each call, as in the model: `runner.measure_cold`); trials and
+minutes come from tune_logs/<target>/curve.jsonl.
 """
 
 from __future__ import annotations
@@ -28,16 +29,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-
-def gflops(rt_mod, arrays, flops: float, repeat: int) -> float:
-    import numpy as np
-    import tvm
-
-    dev = tvm.cpu()
-    tensors = [tvm.runtime.tensor(a, dev) for a in arrays]
-    timer = rt_mod.time_evaluator("main", dev, number=1, repeat=repeat, min_repeat_ms=50)
-    return flops / float(np.median(timer(*tensors).results)) / 1e9
 
 
 def curve_minutes(work_dir: Path) -> dict[str, float]:
@@ -64,7 +55,9 @@ def measure(name, target_name, target, specs, tune_db, trials, minutes, repeat) 
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
     from agile_tvm.tune import records
-    from agile_tvm.tune.export import outputs_match, random_args, run_local, verify_schedule
+    from agile_tvm.tune.export import (interleaved_gflops, outputs_match, random_args, run_local, time_gflops,
+                                       verify_schedule)
+    from agile_tvm.tune.runner import measure_cold
     from agile_tvm.tune.workloads import PREFILL_PROXY_M, hand_func, workload
 
     wl = workload(name, target_name, specs)
@@ -74,21 +67,24 @@ def measure(name, target_name, target, specs, tune_db, trials, minutes, repeat) 
     shape = ({"M": int(spec["options"].get("m") or 1), "N": int(spec["N"]), "K": int(spec["K"])} if spec else
              dict(zip("NKM", (int(p[1:]) for p in name.split("_")[1:]))))
     row = {"kernel": name, **shape}
+    cold = measure_cold(wl, target)
+    row["cold_caches"] = cold
     untuned = tvm.compile(ref, target=target).mod
     want = run_local(untuned, [a.copy() for a in arrays])
-    row["untuned_gflops"] = round(gflops(untuned, arrays, flops, repeat), 2)
+    row["untuned_gflops"] = round(time_gflops(untuned, arrays, flops, repeat, cold=cold), 2)
     hand = tvm.compile(hand_func(name, target_name, specs), target=target).mod
     row["hand_matches_untuned"] = outputs_match(run_local(hand, [a.copy() for a in arrays]), want)[0]
-    row["hand_gflops"] = round(gflops(hand, arrays, flops, repeat), 2)
-    best = None  # the best of the top records in tune_logs/ re-measured here (what export does), shipped or not
+    tuned = []  # the top records in tune_logs/ that verify, re-measured here (what export does), shipped or not
     mod = _normalize_mod(ref)
     if tune_db is not None and tune_db.has_workload(mod):
         for rec in tune_db.get_top_k(tune_db.commit_workload(mod), 5):
             sch = tvm.s_tir.Schedule(mod)
             rec.trace.apply_to_schedule(sch, remove_postproc=False)
             if verify_schedule(sch, mod, target)[0]:
-                g = gflops(tvm.compile(sch.mod, target=target).mod, arrays, flops, repeat)
-                best = g if best is None else max(best, g)
+                tuned.append(tvm.compile(sch.mod, target=target).mod)
+    measured = interleaved_gflops([hand] + tuned, arrays, flops, cold)
+    row["hand_gflops"] = round(measured[0], 2)
+    best = max(measured[1:]) if tuned else None
     row["tuned_gflops"] = None if best is None else round(best, 2)
     row["tuned_over_hand"] = None if best is None else round(best / row["hand_gflops"], 2)
     if spec is not None and spec["options"].get("m") == PREFILL_PROXY_M:
@@ -107,20 +103,22 @@ def symbolic_gflops(spec, proxy, target_name, target, tune_db, arrays, flops, re
     import tvm
 
     from agile_tvm.tune import records
-    from agile_tvm.tune.export import outputs_match, run_local
+    from agile_tvm.tune.export import interleaved_gflops, outputs_match, run_local, time_gflops
     from agile_tvm.tune.workloads import kernel_func
 
     symbolic = dict(spec, options=dict(spec["options"], m=None))
     out = {}
     hand = tvm.compile(kernel_func(symbolic, target_name, schedule=True), target=target).mod
-    out["hand_symbolic_gflops"] = round(gflops(hand, arrays, flops, repeat), 2)
     tuned = records.replayed_func(kernel_func(symbolic, target_name), proxy, target_name, tune_db) \
         if tune_db is not None else None
-    if tuned is not None:
-        mod = tvm.compile(tuned, target=target).mod
-        out["tuned_symbolic_matches_untuned"] = outputs_match(run_local(mod, [a.copy() for a in arrays]), want)[0]
-        out["tuned_symbolic_gflops"] = round(gflops(mod, arrays, flops, repeat), 2)
-        out["tuned_symbolic_over_hand"] = round(out["tuned_symbolic_gflops"] / out["hand_symbolic_gflops"], 2)
+    if tuned is None:
+        out["hand_symbolic_gflops"] = round(time_gflops(hand, arrays, flops, repeat), 2)
+        return out
+    mod = tvm.compile(tuned, target=target).mod
+    out["tuned_symbolic_matches_untuned"] = outputs_match(run_local(mod, [a.copy() for a in arrays]), want)[0]
+    g_hand, g_tuned = interleaved_gflops([hand, mod], arrays, flops, cold=False)
+    out["hand_symbolic_gflops"], out["tuned_symbolic_gflops"] = round(g_hand, 2), round(g_tuned, 2)
+    out["tuned_symbolic_over_hand"] = round(g_tuned / g_hand, 2)
     return out
 
 
@@ -138,8 +136,10 @@ def main() -> int:
         print("bench_tuning: this machine runs no x86 tuning target", file=sys.stderr)
         return 2
 
+    from agile_tvm.tune.export import measure_on_all_cores
     from agile_tvm.tune.intrinsics import import_cpu_intrinsics
 
+    measure_on_all_cores()
     import_cpu_intrinsics()
     from agile_tvm.tune import progress, records
     from agile_tvm.tune.targets import tuning_target

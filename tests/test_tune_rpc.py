@@ -83,9 +83,11 @@ def test_tune_x86_export_apply_and_resume(rpc_cluster, tmp_path):
     from agile_tvm.tune.export import export_schedules, random_args, run_local
 
     curated = export_schedules(X86, work_dir=tmp_path / "logs", out_dir=tmp_path / "sched" / X86, log=lambda m: None)
-    # after 4 trials the hand schedule usually wins: then the record is held back, with both numbers
-    assert name in curated["kernels"] or curated["skipped"][name]["hand_gflops"] >= curated["skipped"][name][
-        "tuned_gflops"]
+    # the hand choice is one of the 3 points: a record is held back unless it beats it by MIN_GAIN, with both numbers
+    from agile_tvm.tune.export import MIN_GAIN
+
+    assert name in curated["kernels"] or curated["skipped"][name]["tuned_gflops"] < MIN_GAIN * curated["skipped"][
+        name]["hand_gflops"]
     manifest = export_schedules(X86, work_dir=tmp_path / "logs", out_dir=tmp_path / "sched" / X86,
                                 log=lambda m: None, beat_hand=False)
     assert manifest["kernels"][name]["verified"] is True

@@ -70,7 +70,7 @@ def tune(opts: TuneOptions) -> dict:
 
     from agile_tvm.tune import progress, records
     from agile_tvm.tune.builder import is_aarch64, make_builder
-    from agile_tvm.tune.runner import make_runner
+    from agile_tvm.tune.runner import make_runner, measure_cold
     from agile_tvm.tune.space import space_for
     from agile_tvm.tune.targets import tuning_target
     from agile_tvm.tune.workloads import read_kernel_specs, workload, write_kernel_specs
@@ -100,9 +100,10 @@ def tune(opts: TuneOptions) -> dict:
     if todo:
         builder = make_builder(target, max_workers=opts.builders)
         timeout = opts.session_timeout or (180.0 if emulated else 30.0)
-        runner = make_runner(host, port, opts.key, len(boards), session_timeout=timeout,
-                             number=1 if emulated else 3, repeat=1 if emulated else 3,
-                             min_repeat_ms=0 if emulated else 40, board_wait=opts.board_wait)
+        runners = {cold: make_runner(host, port, opts.key, len(boards), session_timeout=timeout,
+                                     number=1 if emulated else 3, repeat=1 if emulated else 3,
+                                     min_repeat_ms=0 if emulated else 40, board_wait=opts.board_wait, cold=cold)
+                   for cold in {measure_cold(w, target) for w, _ in todo}}
         cost_model = ms.cost_model.XGBModel(extractor=ms.feature_extractor.PerStoreFeature(),
                                             adaptive_training=True, num_tuning_cores=target.attrs["num-cores"])
         flops = {w.name: w.flops for w in workloads}
@@ -147,7 +148,8 @@ def tune(opts: TuneOptions) -> dict:
                 try:
                     ms.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(work_dir), max_trials_global=n,
                                   max_trials_per_task=n, num_trials_per_iter=min(opts.trials_per_iter, n),
-                                  builder=builder, runner=runner, database=db, cost_model=cost_model,
+                                  builder=builder, runner=runners[measure_cold(w, target)], database=db,
+                                  cost_model=cost_model,
                                   measure_callbacks=callbacks, task_scheduler="round-robin")
                 except Exception as exc:  # noqa: BLE001 - translate our own abort, re-raise the rest
                     if lost["fatal"]:
