@@ -142,56 +142,60 @@ def tuned_func(func, target_name: str, db=None):
     The returned PrimFunc is marked `tir.is_scheduled` so Relax leaves it alone.
     """
     db = db if db is not None else schedule_database(target_name)
-    if db is None:
-        return None
-    from agile_tvm.tune.intrinsics import import_cpu_intrinsics
-
-    import_cpu_intrinsics()  # traces that tensorize name the agile_* intrinsics
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
-
-    from agile_tvm.tune.targets import tuning_target
-
-    name = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else None
-    mod = _normalize_mod(func.with_attr("global_symbol", "main"))  # records are keyed with the name "main"
-    sch = db.query_schedule(mod, tuning_target(target_name), "main")
-    if sch is None:
-        return None
-    tuned = sch.mod["main"].with_attr("tir.is_scheduled", True)
-    return tuned.with_attr("global_symbol", name) if name else tuned
+    record = None if db is None else _best_record(db, func, target_name)
+    return None if record is None else _scheduled(func, record.trace, remove_postproc=False)
 
 
 def replayed_func(func, proxy, target_name: str, db=None):
     """`func` (an unscheduled symbolic-M kernel) scheduled by the trace of the best record of `proxy` (its
     unscheduled static-M twin), or None: no record, or a record whose trace does not replay on `func` (one from
     the "generic" space; a warning says so and the hand schedule stays)."""
-    db = db if db is not None else schedule_database(target_name)
-    if db is None:
-        return None
-    from agile_tvm.tune.intrinsics import import_cpu_intrinsics
-
-    import_cpu_intrinsics()
     import tvm
-    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-    from agile_tvm.tune.targets import tuning_target
-
-    record = db.query_tuning_record(_normalize_mod(proxy.with_attr("global_symbol", "main")),
-                                    tuning_target(target_name), "main")
+    db = db if db is not None else schedule_database(target_name)
+    record = None if db is None else _best_record(db, proxy, target_name)
     if record is None:
         return None
-    name = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else None
-    # a fresh copy: a Schedule of `_normalize_mod(f)` edits f's body in place (found in TVM 0.27)
-    sch = tvm.s_tir.Schedule(_normalize_mod(func.with_attr("global_symbol", "main")))
     try:
-        record.trace.apply_to_schedule(sch, remove_postproc=True)
+        return _scheduled(func, record.trace, remove_postproc=True)
     except tvm.TVMError as exc:
         import sys
 
-        print(f"warning: the record of {name or 'a kernel'}'s static proxy does not replay on its symbolic-M "
-              f"kernel ({str(exc).strip().splitlines()[-1][:120]}): keeping the hand schedule; re-tune with the "
-              f"default hand space", file=sys.stderr)
+        print(f"warning: the record of {_symbol(func) or 'a kernel'}'s static proxy does not replay on its "
+              f"symbolic-M kernel ({str(exc).strip().splitlines()[-1][:120]}): keeping the hand schedule; re-tune "
+              f"with the default hand space", file=sys.stderr)
         return None
+
+
+def _symbol(func) -> str | None:
+    return str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else None
+
+
+def _main_mod(func):
+    """`func` as the IRModule records are keyed by (its name "main"), on a copy: a Schedule of
+    `_normalize_mod(f)` edits f's body in place (found in TVM 0.27)."""
+    from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
+
+    return _normalize_mod(func.with_attr("global_symbol", "main"))
+
+
+def _best_record(db, func, target_name: str):
+    from agile_tvm.tune.intrinsics import import_cpu_intrinsics
+
+    import_cpu_intrinsics()  # traces that tensorize name the agile_* intrinsics
+    from agile_tvm.tune.targets import tuning_target
+
+    return db.query_tuning_record(_main_mod(func), tuning_target(target_name), "main")
+
+
+def _scheduled(func, trace, remove_postproc: bool):
+    """`func` scheduled by `trace`, marked `tir.is_scheduled` (Relax leaves it alone), under its own name."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_main_mod(func))
+    trace.apply_to_schedule(sch, remove_postproc=remove_postproc)
     tuned = sch.mod["main"].with_attr("tir.is_scheduled", True)
+    name = _symbol(func)
     return tuned.with_attr("global_symbol", name) if name else tuned
 
 
