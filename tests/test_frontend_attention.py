@@ -118,3 +118,67 @@ def test_decode_attention_equals_plain_loops(heads, kv_heads, head_dim, dtype, a
     if dtype == "int8":
         blocked = _run(tir_ops.attention_blocked(heads, kv_heads, head_dim, dtype, 4, alibi), arrays, q.shape)
         np.testing.assert_array_equal(got, blocked)
+
+
+
+def _chunk_crossing_inputs(n: int, head_dim: int):
+    """One head whose scores step by ln 2 per unit of K's first code, so key j's log2 code is 127 - K[j, 0, 0]:
+    ~90% of keys get code 0 (weight 2^14) and the rest codes 1..14 (the low bits), with V codes in 100..127. Each
+    chunk's int32 sum is then ~10^9, past float32's 2^24, so where a chunk ends decides how the sum rounds."""
+    rng = np.random.RandomState(7)
+    scales = np.array([0.1, np.log(2) * np.sqrt(head_dim) / 127 / 0.1, 0.01], "float32")
+    q = np.zeros((n, 1, head_dim), "float32")
+    q[:, 0, 0] = 127 * scales[0]  # q8 = (127, 0, ...)
+    codes = np.where(rng.rand(n) < 0.9, 0, rng.randint(1, 15, n))
+    k = rng.randint(-127, 128, (n, 1, head_dim)).astype("int8")
+    k[:, 0, 0] = 127 - codes
+    v = rng.randint(100, 128, (n, 1, head_dim)).astype("int8")
+    return q, k, v, scales, np.zeros(1, "float32")
+
+
+@pytest.mark.parametrize("int16_dot", [False, True])
+def test_prefill_and_decode_agree_across_int32_attn_v_chunks(int16_dot):
+    """INT8 AttnV sums 2^(top-1-c) * v8 in int32 per chunk of `attn_v_key_chunk` keys (1024 for 4 bits), each
+    chunk converted and added in float32. Past one chunk (m = 1100: a whole chunk and a ragged one) the blocked
+    prefill's last row and the decode kernel for that query still agree bit for bit, on chunk sums large enough
+    that a chunk ending elsewhere would round differently; and the blocked kernel's sum is the contract's exact sum
+    rounded once per chunk, against float64 (the plain loops' float32 sum would not be)."""
+    from agile_tvm.frontend import tir_ops
+    from agile_tvm.targets import get_target, isa_of
+
+    if int16_dot and isa_of(get_target("host")) not in ("avx2", "avx512"):
+        pytest.skip("pmaddwd needs an AVX2 host")
+    n, head_dim, chunk = 1100, 64, tir_ops.attn_v_key_chunk(4)
+    assert chunk < n < 2 * chunk
+    q, k, v, scales, slopes = _chunk_crossing_inputs(n, head_dim)
+    blocked = _run(tir_ops.attention_blocked(1, 1, head_dim, "int8", 4, False, int16_dot=int16_dot),
+                   (q, k, v, scales, slopes), q.shape)
+    decode = _run(tir_ops.attention_decode(1, 1, head_dim, "int8", 4, False),
+                  (q[-1:], k, v, scales, slopes), (1, 1, head_dim))
+    np.testing.assert_array_equal(decode[0].view(np.int32), blocked[-1].view(np.int32))
+
+    codes = 127 - k[:, 0, 0].astype(np.int64)  # the last row's log2 codes: every key is causal for it
+    w = (2 ** (14 - codes))[:, None] * v[:, 0, :].astype(np.int64)
+    sums = [w[:chunk].sum(0), w[chunk:].sum(0)]
+    assert min(s.min() for s in sums) > 2**24  # the chunk sums do round in float32
+    S = (np.float32(sums[0]) + np.float32(sums[1])) * np.float32(2.0**-14)
+    pmax = np.float32(1) / np.float32(np.sum(2.0 ** -codes))  # exp(-c ln 2) summed: ~1 ulp of the kernel's sum
+    np.testing.assert_allclose(blocked[-1, 0], S * (scales[2] * pmax), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [3, 5])
+def test_other_softmax_widths(bits):
+    """3-bit codes take the integer AttnV (weights to 2^6, chunks of 2^18 keys), 5-bit codes the float32 one
+    (weights to 2^30 fit neither int16 nor a useful int32 chunk): both equal the plain loops, and decode equals
+    the blocked kernel bit for bit."""
+    from agile_tvm.frontend import tir_ops
+
+    assert (bits <= tir_ops.ATTN_INT_AV_MAX_BITS) == (bits == 3)
+    arrays = _inputs(9, 3, 64, "int8", 37, 37)
+    q = arrays[0]
+    want = _run(tir_ops.attention(9, 3, 64, "int8", bits, False), arrays, q.shape)
+    got = _run(tir_ops.attention_blocked(9, 3, 64, "int8", bits, False, int16_dot=True), arrays, q.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    decode = _run(tir_ops.attention_decode(9, 3, 64, "int8", bits, False, parallel=True),
+                  (q[-1:], *arrays[1:]), (1, 9, 64))
+    np.testing.assert_array_equal(decode[0], got[-1])

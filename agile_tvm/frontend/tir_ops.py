@@ -188,8 +188,21 @@ ATTN_QUERY_BLOCK = 8
 ATTN_DIRECT_MAX_QUERIES = 4
 
 
-#: float32 accumulators of the AttnV register tile (of AVX2's 16 vector registers; the rest hold V and a weight)
+#: accumulators of the AttnV register tile (of AVX2's 16 vector registers; the rest hold V and a weight)
 ATTN_AV_ACCUMULATORS = 48
+#: the widest log2 softmax whose AttnV runs in integers: weights 2^(top-1-c) must fit int16 (pmaddwd) and a
+#: useful chunk of keys int32; 5-bit codes (weights to 2^30) keep the float32 AttnV
+ATTN_INT_AV_MAX_BITS = 4
+
+
+def attn_v_key_chunk(softmax_bits: int) -> int:
+    """Keys per int32 AttnV sum (INT8 K/V): |v8| * 2^(top - 1) * chunk < 2^31 (`kernels.attention.attn_v_chunk`),
+    a whole number of key blocks. Chunks start at absolute key indices (0, chunk, 2 chunk, ...) in every attention
+    kernel, so each sums the same integers and converts them the same way: prefill and decode agree bit for bit."""
+    from agile_tvm.kernels.attention import attn_v_chunk
+
+    step = ATTN_KEY_BLOCK * DECODE_LANES // math.gcd(ATTN_KEY_BLOCK, DECODE_LANES)
+    return attn_v_chunk(softmax_bits) // step * step
 
 
 def _attention_value_chunk(head_dim: int, group: int) -> int:
@@ -210,9 +223,10 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     task ranges TVM gives each thread carry equal causal work. Keys are visited in blocks of ATTN_KEY_BLOCK, only
     up to the block's last causal key: the upper triangle is skipped but for the diagonal blocks.
     0. K and V are converted once per call to float32 copies, K transposed to [KVH, D, m] so a block of keys is a
-       contiguous vector; INT8 codes are exact in float32. With at most ATTN_DIRECT_MAX_QUERIES queries (decode)
-       the loops below read K and V in place instead: the same values, so the same results bit for bit.
-       `int16_dot` (AVX2 targets, INT8): K goes to int16 pairs [KVH, D/2, m, 2] instead, for step 1's pmaddwd.
+       contiguous vector; INT8 codes are exact in float32 (INT8 V is read in place, as integers). With at most
+       ATTN_DIRECT_MAX_QUERIES queries (decode) the loops below read K and V in place instead: the same values, so
+       the same results bit for bit. `int16_dot` (AVX2 targets, INT8): K goes to int16 pairs [KVH, D/2, m, 2]
+       instead, for step 1's pmaddwd, and V to int16 key pairs [KVH, m/2, D, 2] for step 3's.
     1. Q.K for a register tile of ATTN_ROW_TILE rows x ATTN_KEY_BLOCK keys by FMAs over d. INT8: the products and
        sums are integers below 2^24 (|dot| <= 127^2 * D), so the float32 dot *is* the contract's int32 dot.
        `int16_dot`: the same dot in int32 by pmaddwd (16 products an instruction, twice an FMA's 8; 10-20% off the
@@ -223,11 +237,15 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
        numerators e_j = exp(s_j - max) with a polynomial exp (`_exp_nonpositive`, vectorized), summed per lane;
        INT8: the log2 code of p_j / pmax = e_j and its weight 2^-c from the float's exponent and mantissa bits
        (`_log2_weight`); the weights overwrite the scores, and the block is flagged when any is > 0.
-    3. Per position, AttnV in register tiles of its rows x a chunk of head_dim (`_attention_value_chunk`), keys in
-       ascending order over all its flagged blocks (each V vector loaded once for the rows; a block whose keys are
-       all dropped, the top code, is skipped: adding 0 changes nothing); then out = acc * v_scale * pmax
-       (pmax = 1 / sum) for INT8, acc / sum for float. (The per-row order of every sum is the one the kernel had
-       before the register tiles, so its outputs did not change by a bit.)
+    3. Per position, AttnV in register tiles of its rows x a chunk of head_dim (`_attention_value_chunk`) over
+       all its flagged blocks (each V vector loaded once for the rows; a block whose keys are all dropped, the top
+       code, is skipped: adding 0 changes nothing). INT8: the contract's exact sum S = sum_j 2^-c v8 as integers,
+       sum_j 2^(top-1-c) v8 in int32 per chunk of `attn_v_key_chunk` keys (no overflow), each chunk converted
+       and added in float32 in key order; out = (S * 2^-(top-1)) * (v_scale * pmax) (pmax = 1 / sum). Below
+       2^24 / 2^(top-1) (1024 for 4 bits) |S| is exact, as the PyTorch reference's float64 sum (the float32 FMA
+       sum it replaced rounded there). `int16_dot`: two keys per pmaddwd (weights 2^(top-1-c) <= 2^14 and V codes
+       as int16 pairs, V converted once per call to [KVH, key pair, D, 2]), 16 products an instruction against
+       8 per FMA, and no FMA latency chain. Float K/V: acc = sum_j e_j v_j in float32 by FMAs, out = acc / sum.
     Float32 results differ from the contract's formulas by summation order and the exp polynomial (~1 ulp).
     Scratch per task: its scores [rows, m] (~200 KB at m = 2048 for SmolLM2), so the row softmax stays exact (two
     passes over the scores, no online rescaling).
@@ -242,6 +260,10 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     dchunk = _attention_value_chunk(head_dim, group)
     idot = int16_dot and quant and head_dim % 2 == 0
     use_alibi = alibi
+    iav = quant and softmax_bits <= ATTN_INT_AV_MAX_BITS  # INT8 AttnV in integers (else float32 FMAs)
+    wscale = 2 ** (top - 1)  # integer AttnV: the log2 weight 2^-c as the integer 2^(top-1-c)
+    cb = attn_v_key_chunk(softmax_bits) // kb if iav else 1  # key blocks per int32 AttnV chunk
+    vpair = idot and iav and dchunk % lanes == 0  # AttnV by pmaddwd on V key pairs (int32x8 tiles of 8 of d)
     I64 = T.int64
 
     @T.macro
@@ -252,7 +274,11 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
         # int16_dot: the K codes as int16 for pmaddwd, [g, d / 2, key, 2] (a d pair's two codes side by side)
         KI = T.decl_buffer((kv_heads, head_dim // 2 if idot else 1,
                             T.Select(n <= direct_max, T.int64(1), m + kb) if idot else T.int64(1), 2), "int16")
-        VF = T.decl_buffer((kv_heads, T.Select(n <= direct_max, T.int64(1), m + kb), head_dim), "float32")
+        VF = T.decl_buffer((kv_heads, T.int64(1) if iav else T.Select(n <= direct_max, T.int64(1), m + kb),
+                            head_dim), "float32")
+        # int16_dot: the V codes as int16 key pairs for AttnV's pmaddwd, [g, key // 2, d, key % 2]
+        VI = T.decl_buffer((kv_heads, T.Select(n <= direct_max, T.int64(1), (m + kb + 1) // 2) if vpair else T.int64(1),
+                            head_dim if vpair else 1, 2), "int16")
         if n > direct_max:
             for j in T.parallel(m + kb):
                 for g in T.serial(I64(kv_heads)):
@@ -264,9 +290,16 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                         for d in T.serial(I64(head_dim)):
                             KT[g, d, j] = T.if_then_else(j < m, T.Cast("float32", K[T.min(j, m - 1), g, d]),
                                                          T.float32(0))
-                    for d in T.vectorized(I64(head_dim)):
-                        VF[g, j, d] = T.if_then_else(j < m, T.Cast("float32", V[T.min(j, m - 1), g, d]),
-                                                     T.float32(0))
+                    if vpair:
+                        if j % 2 == 0:
+                            for e2 in T.unroll(I64(2)):
+                                for d in T.vectorized(I64(head_dim)):
+                                    VI[g, j // 2, d, e2] = T.if_then_else(
+                                        j + e2 < m, T.Cast("int16", V[T.min(j + e2, m - 1), g, d]), T.int16(0))
+                    elif not iav:
+                        for d in T.vectorized(I64(head_dim)):
+                            VF[g, j, d] = T.if_then_else(j < m, T.Cast("float32", V[T.min(j, m - 1), g, d]),
+                                                         T.float32(0))
         nqb = (n + block - 1) // block
         for t in T.parallel(kv_heads * nqb):
             qf = T.decl_buffer((rows_max, head_dim), "float32")
@@ -281,6 +314,8 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
             anyw = T.decl_buffer((lanes,), "float32", scope="local")
             flag = T.decl_buffer((block, (m + kb - 1) // kb + 1), "float32")
             at = T.decl_buffer((group, dchunk), "float32", scope="local")
+            at_i = T.decl_buffer((group, dchunk if iav else 1), "int32", scope="local")
+            wi = T.decl_buffer((rows_max if iav else 1, m + kb if iav else 1), "int16")
             red = T.decl_buffer((2,), "float32")
             g = t % kv_heads
             s = t // kv_heads
@@ -318,10 +353,8 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                             for r in T.unroll(I64(rt)):
                                 for c in T.unroll(I64(kb // lanes)):
                                     tile_i[r, T.ramp(c * lanes, 1, lanes)] = tile_i.vload(
-                                        [r, c * lanes], "int32x8") + T.call_llvm_pure_intrin(
-                                        "int32x8", "llvm.x86.avx2.pmadd.wd",
-                                        T.reinterpret("int16x16", T.broadcast(
-                                            T.reinterpret("int32", qi.vload([rr * rt + r, dp * 2], "int16x2")), 8)),
+                                        [r, c * lanes], "int32x8") + _pmaddwd_pair(
+                                        qi.vload([rr * rt + r, dp * 2], "int16x2"),
                                         KI.vload([g, dp, b * kb + c * lanes, 0], "int16x16"))
                         for r in T.unroll(I64(rt)):
                             for l in T.vectorized(I64(kb)):
@@ -375,6 +408,9 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                                 rsum[p * group + r, l] = rsum[p * group + r, l] + e[l]
                                 if quant:
                                     sc[p * group + r, b * kb + c * lanes + l] = _log2_weight(e[l], top)
+                                    if iav:
+                                        wi[p * group + r, b * kb + c * lanes + l] = T.Cast(
+                                            "int16", sc[p * group + r, b * kb + c * lanes + l] * T.float32(wscale))
                                 else:
                                     sc[p * group + r, b * kb + c * lanes + l] = e[l]
                                 anyw[l] = T.max(anyw[l], sc[p * group + r, b * kb + c * lanes + l])
@@ -397,21 +433,50 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                 for hc in T.serial(I64(head_dim // dchunk)):
                     for r, l in T.grid(I64(group), I64(dchunk)):
                         at[r, l] = T.float32(0)
-                    for b in T.serial((m - n + i0 + p + kb) // kb):
-                        if flag[p, b] > T.float32(0):
-                            for jj in T.serial(I64(kb)):
-                                for r in T.unroll(I64(group)):
-                                    if n <= direct_max:  # w is 0 for keys past m, whose V row is clamped to a real one
-                                        for l in T.vectorized(I64(dchunk)):
-                                            at[r, l] = at[r, l] + sc[p * group + r, b * kb + jj] * T.Cast(
-                                                "float32", V[T.min(b * kb + jj, m - 1), g, hc * dchunk + l])
-                                    else:
-                                        for l in T.vectorized(I64(dchunk)):
-                                            at[r, l] = at[r, l] + sc[p * group + r, b * kb + jj] * VF[
-                                                g, b * kb + jj, hc * dchunk + l]
+                    if iav:  # exact int32 sums per chunk of cb key blocks, each added to the float sum in order
+                        for ch in T.serial(((m - n + i0 + p + kb) // kb + cb - 1) // cb):
+                            for r, l in T.grid(I64(group), I64(dchunk)):
+                                at_i[r, l] = 0
+                            for b in T.serial(ch * cb, T.min((ch + 1) * cb, (m - n + i0 + p + kb) // kb)):
+                                if flag[p, b] > T.float32(0):
+                                    if vpair and n > direct_max:  # two keys per pmaddwd
+                                        for jp in T.serial(I64(kb // 2)):
+                                            for r in T.unroll(I64(group)):
+                                                for c in T.unroll(I64(dchunk // lanes)):
+                                                    at_i[r, T.ramp(c * lanes, 1, lanes)] = at_i.vload(
+                                                        [r, c * lanes], "int32x8") + _pmaddwd_pair(
+                                                        wi.vload([p * group + r, b * kb + jp * 2], "int16x2"),
+                                                        VI.vload([g, b * (kb // 2) + jp, hc * dchunk + c * lanes, 0],
+                                                                 "int16x16"))
+                                    else:  # keys past m: weight 0, V row clamped to a real one
+                                        for jj in T.serial(I64(kb)):
+                                            for r in T.unroll(I64(group)):
+                                                for l in T.vectorized(I64(dchunk)):
+                                                    at_i[r, l] = at_i[r, l] + T.Cast(
+                                                        "int32", wi[p * group + r, b * kb + jj]) * T.Cast(
+                                                        "int32", V[T.min(b * kb + jj, m - 1), g, hc * dchunk + l])
+                            for r in T.unroll(I64(group)):
+                                for l in T.vectorized(I64(dchunk)):
+                                    at[r, l] = at[r, l] + T.Cast("float32", at_i[r, l])
+                    else:
+                        for b in T.serial((m - n + i0 + p + kb) // kb):
+                            if flag[p, b] > T.float32(0):
+                                for jj in T.serial(I64(kb)):
+                                    for r in T.unroll(I64(group)):
+                                        if n <= direct_max:  # w is 0 for keys past m, whose V row is clamped
+                                            for l in T.vectorized(I64(dchunk)):
+                                                at[r, l] = at[r, l] + sc[p * group + r, b * kb + jj] * T.Cast(
+                                                    "float32", V[T.min(b * kb + jj, m - 1), g, hc * dchunk + l])
+                                        else:
+                                            for l in T.vectorized(I64(dchunk)):
+                                                at[r, l] = at[r, l] + sc[p * group + r, b * kb + jj] * VF[
+                                                    g, b * kb + jj, hc * dchunk + l]
                     for r in T.serial(I64(group)):
                         for l in T.vectorized(I64(dchunk)):
-                            if quant:
+                            if iav:
+                                O[i0 + p, g * group + r, hc * dchunk + l] = (at[r, l] * T.float32(1.0 / wscale)) * (
+                                    SC[2] * (T.float32(1) / rs[p * group + r]))
+                            elif quant:
                                 O[i0 + p, g * group + r, hc * dchunk + l] = at[r, l] * (
                                     SC[2] * (T.float32(1) / rs[p * group + r]))
                             else:
@@ -497,8 +562,10 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
        the exact dot, the same float as the blocked kernel's. Score = dot * (q_scale * k_scale / sqrt(D)) + ALiBi.
     2. Per block of DECODE_LANES keys: e_j = exp(s_j - max) (`_exp_nonpositive`), summed in lane j % 8 (the blocked
        kernel's lane sums, same order), INT8: weight 2^-c of the log2 code (`_log2_weight`); out += w_j * v_j,
-       skipped for w_j = 0 (adding 0 changes nothing).
-    3. out = acc * v_scale * pmax (pmax = 1 / sum of the lanes in order) for INT8, acc / sum for float.
+       skipped for w_j = 0 (adding 0 changes nothing). INT8: as integers 2^(top-1-c) * v8 in int32, converted and
+       added to the float sum at the end of each `attn_v_key_chunk` of keys (the blocked kernel's chunks).
+    3. out = (acc * 2^-(top-1)) * v_scale * pmax (pmax = 1 / sum of the lanes in order) for INT8, acc / sum for
+       float.
     `parallel` (the models' choice): one parallel task per query head (each head's arithmetic is the same as in
     the serial form, so the results are too); without it one serial pass per KV head, its query heads sharing each
     K/V row load. SmolLM2's 9 heads / 3 KV heads on 2 threads, parallel vs serial: 7 vs 10 us at 128 keys, 25 vs
@@ -514,6 +581,9 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
     assert not quant or head_dim * 127 * 127 < 2**24, "INT8 Q.K no longer exact in float32"
     chunks = head_dim // lanes
     use_alibi = alibi
+    iav = quant and softmax_bits <= ATTN_INT_AV_MAX_BITS  # INT8 AttnV in integers, as `attention_blocked`
+    wscale = 2 ** (top - 1)  # integer AttnV: the log2 weight 2^-c as the integer 2^(top-1-c)
+    cbl = attn_v_key_chunk(softmax_bits) // lanes if iav else 1  # lane blocks per int32 AttnV chunk
     I64 = T.int64
 
     @T.macro
@@ -521,6 +591,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
         qf = T.decl_buffer((rows, head_dim), "float32")
         sc = T.decl_buffer((rows, m + lanes), "float32")
         acc = T.decl_buffer((rows, head_dim), "float32")
+        acc_i = T.decl_buffer((rows, head_dim if iav else 1), "int32")
         part = T.decl_buffer((rows, lanes), "float32", scope="local")
         row = T.decl_buffer((head_dim,), "float32", scope="local")  # the K or V row being used, as float32
         rmax = T.decl_buffer((rows, lanes), "float32")
@@ -539,6 +610,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 else:
                     qf[r, d] = Q[0, h0 + r, d]
                 acc[r, d] = T.float32(0)
+                if iav:
+                    acc_i[r, d] = 0
             for l in T.vectorized(I64(lanes)):
                 rmax[r, l] = T.float32(-3.0e38)
                 rsum[r, l] = T.float32(0)
@@ -574,13 +647,25 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 for r in T.unroll(I64(rows)):
                     if w[r, jj] > T.float32(0):
                         for d in T.vectorized(I64(head_dim)):
-                            acc[r, d] = acc[r, d] + w[r, jj] * T.Cast("float32", V[b * lanes + jj, g, d])
+                            if iav:
+                                acc_i[r, d] = acc_i[r, d] + T.Cast("int32", w[r, jj] * T.float32(wscale)) * T.Cast(
+                                    "int32", V[b * lanes + jj, g, d])
+                            else:
+                                acc[r, d] = acc[r, d] + w[r, jj] * T.Cast("float32", V[b * lanes + jj, g, d])
+            if iav:
+                if (b + 1) % cbl == 0 or b == (m + lanes - 1) // lanes - 1:  # a chunk's end: into the float sum
+                    for r in T.serial(I64(rows)):
+                        for d in T.vectorized(I64(head_dim)):
+                            acc[r, d] = acc[r, d] + T.Cast("float32", acc_i[r, d])
+                            acc_i[r, d] = 0
         for r in T.serial(I64(rows)):
             red[1] = T.float32(0)
             for l in T.serial(I64(lanes)):
                 red[1] = red[1] + rsum[r, l]
             for d in T.vectorized(I64(head_dim)):
-                if quant:
+                if iav:
+                    O[0, h0 + r, d] = (acc[r, d] * T.float32(1.0 / wscale)) * (SC[2] * (T.float32(1) / red[1]))
+                elif quant:
                     O[0, h0 + r, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
                 else:
                     O[0, h0 + r, d] = acc[r, d] / red[1]
@@ -604,6 +689,15 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 one_pass(Q, K, V, SC, SL, O, m, g * group, g)
 
     return func
+
+
+def _pmaddwd_pair(pair, vec):
+    """AVX2 pmaddwd of one int16 pair (int16x2), broadcast, with an int16x16 vector of 8 pairs: int32x8 of
+    pair[0] * vec[2i] + pair[1] * vec[2i + 1], exact (the attention's Q.K over d pairs and AttnV over key pairs)."""
+    from tvm import tirx
+
+    broadcast = tirx.reinterpret("int16x16", tirx.Broadcast(tirx.reinterpret("int32", pair), 8))
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", broadcast, vec)
 
 
 #: mantissa bits of float32(sqrt(2)): the log2 code thresholds float32(2^(0.5 - c)) are 2^-c times this float
