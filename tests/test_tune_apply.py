@@ -209,3 +209,86 @@ def test_verify_compares_every_output_of_a_fused_kernel():
     got[1][0] = 1.5
     ok, why = outputs_match(got, want)
     assert not ok and "parameter 1" in why
+
+
+# ---- the model check of `agile-tvm schedules export --model` (agile_tvm.tune.model_check) --------------------------
+def _fake_check(prefill: float, decode: float, diff: float = 0.0, wins: float = 1.0):
+    from agile_tvm.tune.model_check import ModelCheck
+
+    return ModelCheck(speedup={"prefill": prefill, "decode": decode},
+                      spread={"prefill": (prefill, prefill), "decode": (decode, decode)},
+                      wins={"prefill": wins, "decode": wins}, rounds=3,
+                      applied="tuned records: 2 of 2", max_logit_diff=diff, logit_scale=10.0, tokens_match=True)
+
+
+def test_model_check_phases_and_gate(specs):
+    """Decode kernels (m = 1) are judged by the model's decode speed, prefill proxies by its prefill speed; a
+    phase below the gain loses its records, the other keeps them; so does a phase whose median gain is not
+    consistent over the rounds (this machine's noise); a build that computes something else loses all."""
+    from agile_tvm.tune.model_check import gate, phase_of
+
+    decode = next(iter(_decode(specs)))
+    prefill = next(n for n in specs if n not in _decode(specs))
+    assert phase_of(decode, specs) == "decode" and phase_of(prefill, specs) == "prefill"
+    assert phase_of("w4a8_n576_k576_m1", {}) == "decode" and phase_of("w4a8_n576_k576_m128", {}) == "prefill"
+    kept, dropped = gate([decode, prefill], specs, _fake_check(prefill=1.10, decode=0.97), 1.02)
+    assert kept == [prefill] and list(dropped) == [decode] and "decode 0.970x" in dropped[decode]
+    kept, dropped = gate([decode, prefill], specs, _fake_check(prefill=1.10, decode=1.05, wins=0.6), 1.02)
+    assert not kept and "faster in 60% of 3 rounds" in dropped[prefill]
+    kept, dropped = gate([decode, prefill], specs, _fake_check(prefill=1.10, decode=1.05, diff=0.5), 1.02)
+    assert not kept and all("differs from the hand-scheduled one" in why for why in dropped.values())
+
+
+def test_model_check_times_both_builds_of_the_checkpoint(ckpt, specs, tmp_path):
+    """The real measurement on the tiny checkpoint: the candidate build applies the record (one decode kernel,
+    parallel float tile: same sums), so its logits and tokens equal the hand build's; both phases are timed."""
+    from agile_tvm.tune.model_check import measure_in_model
+
+    name = next(n for n, s in _decode(specs).items() if s["wbits"] == 4 and not s["options"].get("outs"))
+    _write_record(tmp_path / "cand", specs[name])
+    check = measure_in_model(ckpt, X86, tmp_path / "cand", rounds=2, prefill_tokens=64, decode_tokens=4,
+                             log=lambda m: None)
+    assert check.applied.startswith("tuned records: 1 of ")
+    assert check.max_logit_diff == 0.0 and check.same_model and check.tokens_match
+    assert check.rounds == 2 and all(v > 0 for v in check.speedup.values())
+
+
+def test_model_check_refuses_records_of_another_model(ckpt, specs, tmp_path):
+    """Records none of whose kernels the checkpoint has (another model's) cannot be judged in it: a clear error."""
+    from agile_tvm.tune.model_check import measure_in_model
+
+    name = next(n for n, s in _decode(specs).items() if s["wbits"] == 4)
+    other = dict(specs[name], N=specs[name]["N"] * 2)  # a shape this model does not have
+    _write_record(tmp_path / "cand", other)
+    with pytest.raises(UserError, match="none of the records .* applies to the kernels of"):
+        measure_in_model(ckpt, X86, tmp_path / "cand", rounds=1, prefill_tokens=16, decode_tokens=2,
+                         log=lambda m: None)
+
+
+def test_schedules_export_with_model_ships_only_what_the_model_check_passed(ckpt, specs, tmp_path):
+    """`schedules export --model`: the tuned kernel reaches the model check, and each kernel ends up shipped or
+    skipped exactly as its phase's measured speedup says (consistent whichever way this noisy machine measures)."""
+    import json
+
+    from agile_tvm.tune import records
+    from agile_tvm.tune.export import MIN_GAIN, export_schedules
+    from agile_tvm.tune.workloads import write_kernel_specs
+
+    name = next(n for n, s in _decode(specs).items() if s["wbits"] == 4 and not s["options"].get("outs"))
+    logs = tmp_path / "logs"
+    _write_record(logs, specs[name])
+    write_kernel_specs(logs, {name: specs[name]})
+    (logs / "curve.jsonl").write_text(json.dumps({"task": name, "t": 0.0, "gflops": 1.0}) + "\n")
+    out = tmp_path / "sched" / X86
+    manifest = export_schedules(X86, work_dir=logs, out_dir=out, beat_hand=False, model=ckpt, model_rounds=2,
+                                log=lambda m: None)
+    check = manifest["model_check"]
+    assert check["checkpoint"] == str(ckpt) and check["applied"].startswith("tuned records: 1 of")
+    shipped = (check["speedup"]["decode"] >= MIN_GAIN and check["wins"]["decode"] >= check["min_win_share"]
+               and check["same_model"])
+    assert (name in manifest["kernels"]) == shipped and (name in manifest["skipped"]) != shipped
+    if not shipped:
+        assert "decode" in manifest["skipped"][name]["model"]
+    _, n_records = records.check_database_files(out)
+    assert n_records == int(shipped)
+    assert json.loads((out / "manifest.json").read_text())["model_check"]["rounds"] == 2

@@ -38,6 +38,13 @@ def register(subparsers) -> None:
                    help="skip checking each best schedule against the untuned kernel (x86 targets run it here)")
     e.add_argument("--keep-slower", action="store_true",
                    help="also export records that measure slower here than the kernels' hand schedule")
+    e.add_argument("--model", default=None,
+                   help="quantized checkpoint that was tuned (`agile-tvm tune --model`): build its model with the "
+                        "hand schedules and with the records, time both here, and export a phase's records "
+                        "(prefill, decode) only if that phase runs faster with them; kernel-level gains do not "
+                        "always survive in the model (x86 targets this CPU runs)")
+    e.add_argument("--model-rounds", type=int, default=11,
+                   help="timing rounds of the model check (each: hand, tuned, tuned, hand)")
     e.set_defaults(func=run_export)
     s.set_defaults(func=lambda args: (s.print_help(), 2)[1])
 
@@ -80,7 +87,12 @@ def run_export(args) -> int:
 
     from agile_tvm.tune.export import export_schedules
 
+    from agile_tvm.quant.checkpoint import read_manifest
+
+    model = Path(args.model) if args.model else None
+    if model is not None:
+        read_manifest(model)  # a clear error now, not after minutes of re-measuring kernels
     export_schedules(args.target, work_dir=Path(args.work_dir) if args.work_dir else None,
                      out_dir=Path(args.out) if args.out else None, verify=not args.no_verify,
-                     beat_hand=not args.keep_slower)
+                     beat_hand=not args.keep_slower, model=model, model_rounds=args.model_rounds)
     return 0

@@ -156,8 +156,11 @@ def verify_schedule(sch, workload_mod, target) -> tuple[bool, str]:
 
 
 def export_schedules(target_name: str, work_dir: Path | None = None, out_dir: Path | None = None,
-                     verify: bool = True, log=None, beat_hand: bool = True) -> dict:
-    """Write the curated records; with `beat_hand`, a record slower here than the hand schedule is left out."""
+                     verify: bool = True, log=None, beat_hand: bool = True, model: Path | None = None,
+                     model_rounds: int = 11) -> dict:
+    """Write the curated records; with `beat_hand`, a record slower here than the hand schedule is left out; with
+    `model` (a quantized checkpoint), a phase's records are left out unless that phase of the model runs faster
+    with them (`model_check`)."""
     measure_on_all_cores()
     from agile_tvm.tune.intrinsics import import_cpu_intrinsics
 
@@ -175,12 +178,16 @@ def export_schedules(target_name: str, work_dir: Path | None = None, out_dir: Pa
     can_verify = verify and host_can_run(target)
     if verify and not can_verify:
         log(f"warning: this machine cannot run {target_name} code: records are exported unverified")
+    if model is not None and not host_can_run(target):
+        log(f"warning: this machine cannot run {target_name} code: the records are not checked in the model")
+        model = None
     names = sorted(progress.trials_done(work_dir))
     trials = progress.trials_done(work_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
-        manifest = _export_into(tmp, names, trials, db, target, target_name, work_dir, can_verify, log, beat_hand)
+        manifest = _export_into(tmp, names, trials, db, target, target_name, work_dir, can_verify, log, beat_hand,
+                                model, model_rounds)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -195,13 +202,11 @@ def export_schedules(target_name: str, work_dir: Path | None = None, out_dir: Pa
     return manifest
 
 
-def _export_into(tmp, names, trials, db, target, target_name, work_dir, can_verify, log, beat_hand) -> dict:
+def _export_into(tmp, names, trials, db, target, target_name, work_dir, can_verify, log, beat_hand, model=None,
+                 model_rounds=11) -> dict:
     import tvm
-    from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.tune_context import _normalize_mod
 
-
-    out_db = ms.database.JSONDatabase(work_dir=str(tmp), allow_missing=True)
     from agile_tvm.tune.runner import measure_cold
     from agile_tvm.tune.targets import target_dict
     from agile_tvm.tune.workloads import read_kernel_specs, workload
@@ -209,6 +214,7 @@ def _export_into(tmp, names, trials, db, target, target_name, work_dir, can_veri
     specs = read_kernel_specs(work_dir)
     manifest = {"target": target_name, "target_dict": target_dict(target_name),
                 "kernels": {}, "skipped": {}}
+    choices = {}  # name -> (workload module, record) to write
     for name in names:
         try:
             wl = workload(name, target_name, specs)
@@ -261,9 +267,7 @@ def _export_into(tmp, names, trials, db, target, target_name, work_dir, can_veri
                                              "trials": trials.get(name, 0)}
                 continue
         rec, gflops, status = chosen
-        out_wl = out_db.commit_workload(mod)
-        out_db.commit_tuning_record(ms.database.TuningRecord(rec.trace, out_wl, rec.run_secs, target,
-                                                             rec.args_info))
+        choices[name] = (mod, rec)
         manifest["kernels"][name] = {"gflops": round(gflops, 2), "trials": trials.get(name, 0),
                                      "verified": status == "matches the untuned kernel", "check": status,
                                      "hand_gflops": None if hand_gflops is None else round(hand_gflops, 2),
@@ -271,5 +275,34 @@ def _export_into(tmp, names, trials, db, target, target_name, work_dir, can_veri
                                                   + (", cold caches" if cold else "")) if hand_gflops
                                      else "on the board while tuning"}
         log(f"{name}: {gflops:.1f} GFLOP/s after {trials.get(name, 0)} trials ({status})")
+    if model is not None and choices:
+        _check_in_model(choices, manifest, specs, model, model_rounds, target, target_name, log)
+    _write_records(tmp, choices, target)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
+
+
+def _write_records(folder: Path, choices: dict, target) -> None:
+    """A schedules/ database in `folder` holding each chosen (workload module, record)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    out_db = ms.database.JSONDatabase(work_dir=str(folder), allow_missing=True)
+    for mod, rec in choices.values():
+        out_db.commit_tuning_record(ms.database.TuningRecord(rec.trace, out_db.commit_workload(mod), rec.run_secs,
+                                                             target, rec.args_info))
+
+
+def _check_in_model(choices: dict, manifest: dict, specs: dict, model, rounds: int, target, target_name, log) -> None:
+    """Drop from `choices` (and move to the manifest's "skipped") each record whose phase of the model does not
+    run MIN_GAIN faster with all the candidates than with the hand schedules (`model_check`)."""
+    from agile_tvm.tune.model_check import gate, measure_in_model
+
+    with tempfile.TemporaryDirectory(prefix="agile-tvm-candidates-") as scratch:
+        _write_records(Path(scratch), choices, target)
+        check = measure_in_model(model, target_name, Path(scratch), rounds=rounds, log=log)
+    kept, dropped = gate(list(choices), specs, check, MIN_GAIN)
+    for name, why in dropped.items():
+        log(f"{name}: not exported: {why}")
+        manifest["skipped"][name] = {**manifest["kernels"].pop(name), "model": why}
+        del choices[name]
+    manifest["model_check"] = {"checkpoint": str(model), "min_gain": MIN_GAIN, **check.as_dict()}
