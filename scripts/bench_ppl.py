@@ -150,14 +150,13 @@ def compiled_forward(args, name: str, qm, beta: float):
     import torch
 
     from agile_tvm.runtime import load_module
-    from agile_tvm.runtime.export import code_fingerprint, export
+    from agile_tvm.runtime.export import export, module_is_current
 
     ckpt = Path(qm.source)
     suffix = f"-p{beta}s{args.prune_start}" if beta else ""
     module_dir = ckpt.with_name(ckpt.name + f"-host-n{args.seq_len}{suffix}")
     manifest = module_dir / "manifest.json"
-    cached = json.loads(manifest.read_text()).get("code") if manifest.is_file() else None
-    if cached != code_fingerprint():  # none yet, or compiled from other kernels/frontend sources than these
+    if not module_is_current(module_dir):  # none yet, or compiled from other kernels/frontend sources than these
         if manifest.is_file():
             print(f"{module_dir} was compiled from other kernel sources: exporting it again", flush=True)
         export(ckpt, "host", module_dir, max_seq_len=args.seq_len, prune_beta=beta, prune_start=args.prune_start)

@@ -113,3 +113,18 @@ def test_code_fingerprint_follows_the_kernel_sources(tmp_path):
     f = tmp_path / "kernels" / "linear.py"
     f.write_text(f.read_text() + "\n# changed\n")
     assert code_fingerprint(tmp_path) != first
+
+
+def test_module_is_current_reads_the_manifest_code(tmp_path):
+    # scripts/quickstart and bench_ppl.py reuse a module folder only when its manifest's "code" is today's
+    from agile_tvm.runtime.export import code_fingerprint, module_is_current
+
+    assert not module_is_current(tmp_path / "none")
+    (tmp_path / "manifest.json").write_text(json.dumps({"code": code_fingerprint()}))
+    assert module_is_current(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"code": "0123456789abcdef"}))
+    assert not module_is_current(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"library": "model.so"}))  # exported before "code" existed
+    assert not module_is_current(tmp_path)
+    (tmp_path / "manifest.json").write_text("{cut")
+    assert not module_is_current(tmp_path)

@@ -146,3 +146,21 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path, calib):
     qm = quantize_model(tiny_model("bloom"), get_config("w4a16-rtn"), calib)
     with pytest.raises(UserError, match="non-empty folder"):
         save_quantized(qm, tmp_path)
+
+
+def test_is_current_tells_a_checkpoint_older_code_made(saved, tmp_path):
+    """Scripts reuse a finished checkpoint only if today's `quantize --config NAME` would write the same: not one of
+    another config, an older format version, or a missing/corrupt manifest. A scheme that lacks an option added since
+    (its default, off) is still current: re-quantizing would change nothing."""
+    from agile_tvm.quant.checkpoint import is_current
+
+    assert is_current(saved, "agileq8") and not is_current(saved, "agileq4")
+    ck = _copy(saved, tmp_path)
+    manifest = json.loads((ck / MANIFEST).read_text())
+    del manifest["scheme"]["act"]["smooth"]  # written by today's code; checkpoints from before lack it
+    (ck / MANIFEST).write_text(json.dumps(manifest))
+    assert is_current(ck, "agileq8")
+    (ck / MANIFEST).write_text(json.dumps({**manifest, "version": manifest["version"] - 1}))
+    assert not is_current(ck, "agileq8")
+    (ck / MANIFEST).write_text("{not json")
+    assert not is_current(ck, "agileq8") and not is_current(tmp_path / "nope", "agileq8")

@@ -60,6 +60,25 @@ def build_manifest(qm: QuantizedModel) -> dict:
     }
 
 
+def is_current(ckpt_dir, config_name: str) -> bool:
+    """Whether `ckpt_dir` holds what `agile-tvm quantize --config NAME` writes with today's code: this format version
+    and this scheme. Scripts reuse a finished checkpoint only then; one quantized by older code (an earlier format or
+    scheme of the same config name) is quantized again."""
+    from agile_tvm.quant.configs import get_config
+
+    try:
+        manifest = json.loads((Path(ckpt_dir) / MANIFEST).read_text())
+        if (manifest.get("format"), manifest.get("version")) != (FORMAT, VERSION):
+            return False
+        stored = QuantConfig.from_dict(manifest["scheme"]).to_dict()  # options added since default to their "off"
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        return False
+    want = get_config(config_name).to_dict()
+    stored.pop("pruning", None)
+    want.pop("pruning", None)
+    return stored == want
+
+
 def save_quantized(qm: QuantizedModel, out_dir) -> Path:
     """Write `qm` to `out_dir` (created if needed; an existing non-checkpoint, non-empty folder is refused)."""
     from safetensors.torch import save_file

@@ -39,6 +39,16 @@ def code_fingerprint(root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def module_is_current(out_dir) -> bool:
+    """Whether `out_dir` holds a module exported from today's kernel and frontend sources (manifest "code"):
+    scripts reuse a cached module only then."""
+    manifest = Path(out_dir) / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("code") == code_fingerprint()
+    except (OSError, ValueError):
+        return False
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(text)
