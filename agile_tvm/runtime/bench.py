@@ -71,10 +71,10 @@ def tvm_engine(out_dir, tokens: list[int], decode_tokens: int) -> Engine:
         return (time.perf_counter() - t0) * 1e3
 
     return Engine(f"tvm {config}", base, prefill,
-                  lambda: _tvm_decode_rate(lm, _prompt(DECODE_DEPTH, lm.vocab_size), decode_tokens), fits)
+                  lambda: tvm_decode_rate(lm, _prompt(DECODE_DEPTH, lm.vocab_size), decode_tokens), fits)
 
 
-def _tvm_decode_rate(lm, ids, steps: int) -> float:
+def tvm_decode_rate(lm, ids, steps: int) -> float:
     _, cache = lm.step(ids, 0, lm.new_cache())
     past = ids.shape[1]
     tok = np.array([[1]], np.int32)

@@ -300,7 +300,7 @@ def _check_in_model(choices: dict, manifest: dict, specs: dict, model, rounds: i
     with tempfile.TemporaryDirectory(prefix="agile-tvm-candidates-") as scratch:
         _write_records(Path(scratch), choices, target)
         check = measure_in_model(model, target_name, Path(scratch), rounds=rounds, log=log)
-    kept, dropped = gate(list(choices), specs, check, MIN_GAIN)
+    _, dropped = gate(list(choices), specs, check, MIN_GAIN)
     for name, why in dropped.items():
         log(f"{name}: not exported: {why}")
         manifest["skipped"][name] = {**manifest["kernels"].pop(name), "model": why}

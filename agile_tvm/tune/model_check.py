@@ -111,15 +111,14 @@ def _applied_count(schedules_line: str) -> int:
 
 
 def measure_in_model(ckpt, target_name: str, records_dir: Path, *, rounds: int = 11,
-                     prefill_tokens: int | None = None,
-                     decode_tokens: int = 32, log=print) -> ModelCheck:
+                     prefill_tokens: int | None = None, decode_tokens: int = 32, log=print) -> ModelCheck:
     """Build `ckpt` for `target_name` with the hand schedules and with the records in `records_dir` (a
     schedules/<target>/ folder), then time both here, round by round in turn: a prefill of `prefill_tokens`
     (default PREFILL_PROXY_M, at most the model's length) and `decode_tokens` greedy decode steps after a short
     prompt. Each round times hand, tuned, tuned, hand (a drift within the round then weighs on both alike) and
     compares the sums. The caller has set the thread count (`export.measure_on_all_cores`)."""
     from agile_tvm.runtime import load_module
-    from agile_tvm.runtime.bench import _tvm_decode_rate
+    from agile_tvm.runtime.bench import tvm_decode_rate
     from agile_tvm.runtime.export import export
     from agile_tvm.tune.workloads import PREFILL_PROXY_M
 
@@ -151,7 +150,7 @@ def measure_in_model(ckpt, target_name: str, records_dir: Path, *, rounds: int =
                 t0 = time.perf_counter()
                 lms[i].step(ids, 0, cache)
                 secs["prefill"][i] += time.perf_counter() - t0
-                secs["decode"][i] += 1.0 / _tvm_decode_rate(lms[i], prompt, decode_tokens)
+                secs["decode"][i] += 1.0 / tvm_decode_rate(lms[i], prompt, decode_tokens)
             for phase, (hand, tuned) in secs.items():
                 ratios[phase].append(hand / tuned)
         tokens = [_greedy(lm, prompt, decode_tokens) for lm in lms]
