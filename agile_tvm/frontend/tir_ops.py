@@ -261,7 +261,6 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     idot = int16_dot and quant and head_dim % 2 == 0
     use_alibi = alibi
     iav = quant and softmax_bits <= ATTN_INT_AV_MAX_BITS  # INT8 AttnV in integers (else float32 FMAs)
-    wscale = 2 ** (top - 1)  # integer AttnV: the log2 weight 2^-c as the integer 2^(top-1-c)
     cb = attn_v_key_chunk(softmax_bits) // kb if iav else 1  # key blocks per int32 AttnV chunk
     vpair = idot and iav and dchunk % lanes == 0  # AttnV by pmaddwd on V key pairs (int32x8 tiles of 8 of d)
     I64 = T.int64
@@ -409,8 +408,8 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                                 if quant:
                                     sc[p * group + r, b * kb + c * lanes + l] = _log2_weight(e[l], top)
                                     if iav:
-                                        wi[p * group + r, b * kb + c * lanes + l] = T.Cast(
-                                            "int16", sc[p * group + r, b * kb + c * lanes + l] * T.float32(wscale))
+                                        wi[p * group + r, b * kb + c * lanes + l] = _int_av_weight(
+                                            sc[p * group + r, b * kb + c * lanes + l], top, "int16")
                                 else:
                                     sc[p * group + r, b * kb + c * lanes + l] = e[l]
                                 anyw[l] = T.max(anyw[l], sc[p * group + r, b * kb + c * lanes + l])
@@ -474,8 +473,8 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                     for r in T.serial(I64(group)):
                         for l in T.vectorized(I64(dchunk)):
                             if iav:
-                                O[i0 + p, g * group + r, hc * dchunk + l] = (at[r, l] * T.float32(1.0 / wscale)) * (
-                                    SC[2] * (T.float32(1) / rs[p * group + r]))
+                                O[i0 + p, g * group + r, hc * dchunk + l] = _int_av_out(at[r, l], top, SC[2],
+                                                                                        rs[p * group + r])
                             elif quant:
                                 O[i0 + p, g * group + r, hc * dchunk + l] = at[r, l] * (
                                     SC[2] * (T.float32(1) / rs[p * group + r]))
@@ -582,7 +581,6 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
     chunks = head_dim // lanes
     use_alibi = alibi
     iav = quant and softmax_bits <= ATTN_INT_AV_MAX_BITS  # INT8 AttnV in integers, as `attention_blocked`
-    wscale = 2 ** (top - 1)  # integer AttnV: the log2 weight 2^-c as the integer 2^(top-1-c)
     cbl = attn_v_key_chunk(softmax_bits) // lanes if iav else 1  # lane blocks per int32 AttnV chunk
     I64 = T.int64
 
@@ -648,7 +646,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                     if w[r, jj] > T.float32(0):
                         for d in T.vectorized(I64(head_dim)):
                             if iav:
-                                acc_i[r, d] = acc_i[r, d] + T.Cast("int32", w[r, jj] * T.float32(wscale)) * T.Cast(
+                                acc_i[r, d] = acc_i[r, d] + _int_av_weight(w[r, jj], top, "int32") * T.Cast(
                                     "int32", V[b * lanes + jj, g, d])
                             else:
                                 acc[r, d] = acc[r, d] + w[r, jj] * T.Cast("float32", V[b * lanes + jj, g, d])
@@ -664,7 +662,7 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 red[1] = red[1] + rsum[r, l]
             for d in T.vectorized(I64(head_dim)):
                 if iav:
-                    O[0, h0 + r, d] = (acc[r, d] * T.float32(1.0 / wscale)) * (SC[2] * (T.float32(1) / red[1]))
+                    O[0, h0 + r, d] = _int_av_out(acc[r, d], top, SC[2], red[1])
                 elif quant:
                     O[0, h0 + r, d] = acc[r, d] * (SC[2] * (T.float32(1) / red[1]))
                 else:
@@ -689,6 +687,23 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 one_pass(Q, K, V, SC, SL, O, m, g * group, g)
 
     return func
+
+
+def _int_av_weight(w, top: int, dtype: str):
+    """The integer AttnV weight 2^(top-1-c) of a log2 weight w = 2^-c (0 stays 0): exact, w * 2^(top-1) is an
+    integer below 2^15. One definition for every attention kernel, so they sum the same integers."""
+    from tvm import tirx
+
+    return tirx.Cast(dtype, w * tirx.const(float(2 ** (top - 1)), "float32"))
+
+
+def _int_av_out(acc, top: int, v_scale, rsum):
+    """AttnV's output from the float sum of its int32 chunks: (acc * 2^-(top-1)) * (v_scale * (1 / rsum)), the
+    same float operations in every attention kernel (prefill and decode agree bit for bit)."""
+    from tvm import tirx
+
+    one = tirx.const(1.0, "float32")
+    return (acc * tirx.const(1.0 / 2 ** (top - 1), "float32")) * (v_scale * (one / rsum))
 
 
 def _pmaddwd_pair(pair, vec):
