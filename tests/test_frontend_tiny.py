@@ -43,6 +43,7 @@ CASES = {  # arch[-variant] -> (scheme, weight method): every architecture, acti
     "llama-fp": ("fp", None),
     "llama-v1": ("agileq8-static", "gptq"),
     "opt-w4a16": ("w4a16-rtn", "rtn"),
+    "llama-fgrid": ("agileq8", "gptq"),  # free float scales (not the pow2 grid): prefill on the float-epilogue GEMM
 }
 # case -> (manifest version, {(act, w_zero, a_bits) of its linears}): what each case exercises in the frontend
 # (("token", "int", 8): agileq8/agileq4's INT8 LM head, 8-bit symmetric weights)
@@ -53,6 +54,7 @@ EXPECTED_LINEARS = {
     "llama-fp": (2, set()),
     "llama-v1": (1, {("tensor", "int", 8)}),
     "opt-w4a16": (2, {("tensor", "float", 0)}),
+    "llama-fgrid": (2, {("token", "float", 8), ("token", "int", 8)}),
 }
 MAX_LEN = 64
 
@@ -68,6 +70,8 @@ def _quantize(arch_case: str, out_dir):
     cfg = get_config(scheme)
     if method and cfg.weight is not None:
         cfg.weight.method = method
+    if arch_case.endswith("-fgrid"):
+        cfg.weight.scale_grid = "float"
     calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     qm = quantize_model(tiny_model(arch), cfg, calib)
     save_quantized(qm, out_dir)
@@ -260,6 +264,22 @@ def test_prefill_runs_its_last_layer_on_the_last_row(case, tmp_path):
     assert len(rows) == meta["num_layers"]
     assert [isinstance(r, IntImm) and int(r) == 1 for r in rows] == [False] * (len(rows) - 1) + [True]
     assert not any(isinstance(r, IntImm) for r in _attention_rows(mod["forward_all"]))
+
+
+@pytest.mark.parametrize("case,used", [("llama", True), ("opt", True), ("llama-fgrid", False)])
+def test_integer_scale_gemm_runs_where_the_scales_are_on_the_grid(case, used, tmp_path):
+    """A checkpoint quantized with scale_grid "pow2" (agileq8/agileq4) runs its prefill linears on the integer-scale
+    GEMM (kernels/int_scales.py); one with free float scales keeps the float-epilogue GEMM. Decode keeps its GEMV."""
+    from tvm import relax
+
+    from agile_tvm.frontend import build_module
+
+    mod, _, _ = build_module(_quantize(case, tmp_path / "ckpt"), max_seq_len=MAX_LEN)
+    calls = {fn: {b.value.args[0].name_hint for block in mod[fn].body.blocks for b in block.bindings
+                  if isinstance(b.value, relax.Call) and b.value.op.name == "relax.call_tir"}
+             for fn in ("prefill", "decode")}
+    assert any("intscale" in n for n in calls["prefill"]) == used
+    assert not any("intscale" in n for n in calls["decode"])
 
 
 def test_kv_cache_prefill_decode_equals_full_forward(exported):

@@ -21,6 +21,8 @@ def _run(capsys, *argv):
     (["--config", "agileq8", "--prune-beta", "1.5"], "prune beta must be in [0, 1)"),
     (["--config", "w8a8", "--smooth", "1.2"], "smoothing quantile must be in [0, 1)"),
     (["--config", "agileq8", "--smooth", "0.9", "--act-granularity", "tensor"], "smoothing is for per-token"),
+    (["--config", "agileq8-static", "--scale-grid", "pow2"], "pow2 scale grid needs float weight offsets"),
+    (["--config", "fp", "--scale-grid", "pow2"], "float weights"),
 ])
 def test_bad_config_arguments(tmp_path, capsys, argv, needle):
     code, err = _run(capsys, *argv, "--out", str(tmp_path / "o"))
@@ -40,6 +42,7 @@ def test_smoothing_flags_resolve():
     capped = cfg("--config", "w8a8", "--trip-k", "3").act
     assert (capped.smooth, capped.trip_k, capped.trip) == (0.99, 3, False)
     assert cfg("--config", "w8a8", "--smooth", "0").act.smooth == 0.0
+    assert cfg("--config", "agileq8", "--scale-grid", "pow2").weight.scale_grid == "pow2"
 
 
 def test_missing_model_path(tmp_path, capsys):

@@ -82,3 +82,41 @@ def test_gptq_beats_rtn_on_a_real_smollm2_layer():
     gptq_err = _out_err(x_test, w, q, s, z, 576)
     rtn_err = _out_err(x_test, w, rq, rs, rz, 576)
     assert gptq_err < 0.85 * rtn_err, (gptq_err, rtn_err)
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_pow2_scale_grid_holds_exactly_and_costs_little(act_order):
+    """scale_grid "pow2": every row's group scales and float offsets are 2^e * integer codes the integer-scale GEMM
+    takes (kernels.int_scales.grid_codes accepts them), and the output error stays within 5% of the free grid's."""
+    import numpy as np
+
+    from agile_tvm.kernels.int_scales import grid_codes
+
+    k, n, g = 128, 64, 32
+    x_cal, x_test = _correlated_inputs(1024, k, 0), _correlated_inputs(512, k, 1)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    h = HessianAccumulator(k)
+    h.add(x_cal)
+    errs = {}
+    for grid in ("float", "pow2"):
+        q, s, z, o = gptq_quantize(w, h.h, 4, g, False, act_order, float_zero=True, scale_grid=grid)
+        codes = grid_codes(s.numpy(), o.numpy())
+        assert (codes is not None) == (grid == "pow2")
+        errs[grid] = ((x_test @ w.T - x_test @ dequantize_weight(q, s, z, g, o).T) ** 2).mean().item()
+        rq, rs, rz, ro = rtn_quantize(w, 4, g, False, float_zero=True, scale_grid=grid)
+        assert (grid_codes(rs.reshape(n, -1).numpy(), ro.reshape(n, -1).numpy()) is not None) == (grid == "pow2")
+    assert errs["pow2"] <= 1.05 * errs["float"], errs
+    assert np.isfinite(list(errs.values())).all()
+
+
+def test_pow2_scale_grid_needs_float_offsets():
+    from agile_tvm.errors import UserError
+    from agile_tvm.quant.configs import get_config
+
+    cfg = get_config("agileq8-static")
+    cfg.weight.scale_grid = "pow2"
+    with pytest.raises(UserError, match="float weight offsets"):
+        cfg.validate()
+    cfg.weight.scale_grid = "fixed"
+    with pytest.raises(UserError, match="scale grid"):
+        cfg.validate()

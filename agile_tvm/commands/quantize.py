@@ -26,6 +26,9 @@ def register(sub) -> None:
                    help="activation scales: per token at run time (default configs) or static layer-wise (paper)")
     p.add_argument("--w-zero", choices=("float", "int"), default=None,
                    help="weight zero point: a float offset per group (default 4-bit configs) or an integer code")
+    p.add_argument("--scale-grid", choices=("float", "pow2"), default=None,
+                   help="weight group scales/offsets: any float, or on a per-row power-of-two grid (2^e * integer), "
+                        "which the x86 prefill GEMM sums in integers (faster; needs --w-zero float)")
     p.add_argument("--prune-beta", type=float, default=0.0, help="fraction of tokens pruned by the last layer")
     p.add_argument("--prune-start", type=int, default=0, help="first pruning layer (0: half the depth)")
     p.add_argument("--calib-corpus", default="austen", help="handbook, austen, or a UTF-8 text file")
@@ -68,6 +71,8 @@ def resolve_config(args):
         section("act", "--act-granularity").granularity = args.act_granularity
     if args.w_zero is not None:
         section("weight", "--w-zero").zero = args.w_zero
+    if getattr(args, "scale_grid", None) is not None:
+        section("weight", "--scale-grid").scale_grid = args.scale_grid
     cfg.pruning.beta = args.prune_beta
     cfg.pruning.start_layer = args.prune_start
     return cfg.validate()

@@ -58,6 +58,10 @@ class LinearEmitter:
             out = self.emit(relax.call_tir(gv, args, [relax.TensorType([1, n], "float32") for n in n_outs]))
             return [self.emit(relax.TupleGetItem(out, j)) for j in range(len(n_outs))]
         xq, scale, zero, xsum = self.quantize_act_token(x, specs[0], k)
+        if self._int_scale_grid(specs, k):
+            self._pack_int_scales(specs, k, fused["name"])
+            return [self._int_scale_call(specs[0], k, n_out, fused["name"], (xq, scale, zero, xsum), off,
+                                         fused["n_total"]) for off, n_out in fused["outs"]]
         ys = []
         for (off, n_out) in fused["outs"]:
             gv = self._linear_kernel(specs[0], k, n_out, name=fused["name"], fused_specs=specs, n_offset=off,
@@ -92,6 +96,13 @@ class LinearEmitter:
             gv = self._linear_kernel(spec, k, n_out, x_float=True, **({"zero_in_dot": True} if zid else {}))
             args = [x, self.w(p + ".act_shift", self._act_shift(p, k)), *self._weight_args(p, spec, wsum=not zid)]
             return self.emit(relax.call_tir(gv, args, relax.TensorType([1, n_out], "float32")))
+        if spec.act == "token" and self._int_scale_grid([spec], k):
+            if p + ".wpack" not in self.weights.arrays:  # the nibbles and tables the decode GEMV shares
+                wfmt = self._weight_format(spec, k)
+                for suffix, array in self._packed_arrays(spec, wfmt, self._compact([spec], wfmt)).items():
+                    self.weights.var(p + suffix, array)
+            self._pack_int_scales([spec], k, p)
+            return self._int_scale_call(spec, k, n_out, p, self.quantize_act_token(x, spec, k))
         gv = self._linear_kernel(spec, k, n_out)
         if spec.act == "token":
             xq, scale, zero, xsum = self.quantize_act_token(x, spec, k)
@@ -99,6 +110,59 @@ class LinearEmitter:
             xq, scale, zero = self.quantize_act_tensor(x, spec, k)
         args = [xq, *self._weight_args(p, spec, [scale, zero] + ([xsum] if spec.float_zero else []))]
         return self.emit(relax.call_tir(gv, args, relax.TensorType([self.n, n_out], "float32")))
+
+    def _grid_codes(self, spec: LinearSpec):
+        """The linear's (c, d, e) power-of-two grid codes (``kernels.int_scales.grid_codes``) or None, once."""
+        from agile_tvm.kernels.int_scales import grid_codes
+
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        if spec.prefix not in cache:
+            cache[spec.prefix] = grid_codes(self.ckpt.tensor(spec.prefix + ".wscale"),
+                                            self.ckpt.tensor(spec.prefix + ".wmin"))
+        return cache[spec.prefix]
+
+    def _int_scale_grid(self, specs: list[LinearSpec], k: int) -> bool:
+        """Whether prefill runs `specs` on the integer-scale GEMM (``kernels/int_scales.py``): 4-bit nibble weights
+        with float offsets whose scales and offsets lie on a power-of-two row grid (checkpoints quantized with
+        ``--scale-grid pow2``), per-token activations, a shape the kernel chunks. Bit for bit the same weights as
+        the float tables; the GEMM then sums a row's groups in integers instead of converting every group."""
+        from agile_tvm.kernels.int_scales import applicable
+        from agile_tvm.targets import isa_of
+
+        if self._decode_m():
+            return False
+        ok = all(s.w_bits == 4 and s.act == "token" and s.float_zero and self._weight_format(s, k) == "nibble"
+                 and applicable(isa_of(self.target), k, k // s.groups) for s in specs)
+        return ok and all(bool(np.all(self.ckpt.tensor(s.prefix + ".wzero") == 0)) and self._grid_codes(s) is not None
+                          for s in specs)
+
+    def _pack_int_scales(self, specs: list[LinearSpec], k: int, name: str) -> None:
+        """The integer-scale tables of `specs` (concatenated along N like their weights) under `name`, once."""
+        from agile_tvm.kernels.int_scales import pack_tables
+        from agile_tvm.kernels.reference import unpack_int4
+
+        if name + ".ct" in self.weights.arrays:
+            return
+        parts = [pack_tables(unpack_int4(self.ckpt.tensor(s.prefix + ".qweight")), *self._grid_codes(s), self.target)
+                 for s in specs]
+        for suffix in parts[0]:
+            self.weights.var(f"{name}.{suffix}", np.concatenate([pt[suffix] for pt in parts], axis=0))
+
+    def _int_scale_call(self, spec: LinearSpec, k: int, n_out: int, name: str, act, n_offset: int = 0,
+                        n_total: int | None = None):
+        """y [n, N] of one linear (or one slice of fused linears) on the integer-scale GEMM."""
+        from agile_tvm.kernels.int_scales import int_scale_linear_func
+
+        key = f"k_linear_w4_{k}x{n_out}_g{spec.groups}_intscale{'_b' if spec.has_bias else ''}_of{n_offset}_{n_total}"
+        if key not in self._funcs:
+            func = int_scale_linear_func(n_out, k, self.target, group_size=k // spec.groups,
+                                         has_bias=spec.has_bias, n_offset=n_offset, n_total=n_total)
+            self.tir(key, func.without_attr("global_symbol").with_attr("agile_tvm.schedule", self._hand_mark()))
+        xq, scale, zero, xsum = act
+        tables = [self.w(f"{name}.{t}") for t in ("ct", "dt", "zc", "srow")]
+        args = [xq, self.w(name + ".wpack"), *tables, scale, zero, xsum]
+        args += [self.w(name + ".bias")] if spec.has_bias else []
+        return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, n_out], "float32")))
 
     def _weight_args(self, name: str, spec: LinearSpec, act_args=(), wsum: bool = True) -> list:
         """(wpack, [wsum], wscale, [wmin], *act_args, [bias]) of linear (or fused linears) `name`; `wsum=False`

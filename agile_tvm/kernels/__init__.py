@@ -35,6 +35,11 @@ Linear kernels, x [M, K] -> y [M, N]; parameter order of the returned PrimFunc:
         (prefill); m=1 with outs=((offset, N_j), ...) = one GEMV writing one output per linear, and x_float=True =
         the GEMV takes (x f32[1,K], act_shift u8[K]) and runs the per-token quantizer itself (decode):
         (x, act_shift, wpack, wsum, wscale, [wmin], [bias], y_0, y_1, ...).
+    int_scales.int_scale_linear_func(N, K, target, *, group_size, has_bias=False, n_offset=0, n_total=None)
+        The W4A8 prefill GEMM (symbolic M, x86 nibble weights) for weights on a power-of-two scale grid
+        (``int_scales.grid_codes``: wscale = 2^e_n * c, wmin = 2^e_n * d): a row's groups summed in int32 per K chunk,
+        no per-group float epilogue. (xq, wpack, ct, dt, zc, srow (``int_scales.pack_tables``), act_scale f32[M],
+        act_zero i32[M], xsum i32[M,G], [bias], y f32[M,N]).
     w4a4_linear_func(N, K, target, *, has_bias=False, m=None)        (per-channel weights only)
         (xq u8[M,K] holding 4-bit codes 0..15, wpack u16, wsum i32[., 2], wscale f32[N,1], act_scale,
          act_zero, [bias], y f32[M,N])
@@ -82,6 +87,7 @@ _EXPORTS = {
     "w4a8_linear_func": "linear",
     "w8a8_linear_func": "linear",
     "w4a4_linear_func": "w4a4",
+    "int_scale_linear_func": "int_scales",
     "pack_w4a8_weights": "layout",
     "pack_w8a8_weights": "layout",
     "pack_w4a4_weights": "layout",

@@ -12,6 +12,7 @@ the loop nest computes, used for pattern matching) plus an implementation (one o
 | ``agile_i16_avx2_8x2``     | AVX2      | same on ymm                                | [8, 2] int16 |
 | ``agile_s8s8_avx2_8x4``    | AVX2      | s8 x s8 -> s32, k = 4: 2 ``vpsignb`` + u8i8's two | [8, 4] int8 |
 | ``agile_u4x4zp_avx2_8x16`` | AVX2      | (u8 - zp) x u4 -> s32, k = 16, nibbles: the GEMV without row sums | 64 bytes |
+| ``agile_u8i8x4c_avx2_8x16`` | AVX2     | C[i] += c[i] * sum_k A[k] B[., i, .], k = 16: the pmaddwd multiplier c (int_scales.py) | [4, 8, 4] int8 |
 | ``agile_sdot_4x4``         | AArch64 +dotprod | s8 x s8 -> s32, k = 4: ``sdot``     | [4, 4] int8 |
 | ``agile_neon_smull_4x4``   | AArch64 NEON     | same: ``smull`` + ``saddlp`` + ``addp`` | [4, 4] int8 |
 
@@ -90,6 +91,18 @@ def _dot_desc_x4(lanes: int):
     return desc
 
 
+def _x4_pair_sums(A, B, lanes: int):
+    """The int16 pair sums of 16 k (four broadcast 4-byte activation groups A times four [lanes, 4] weight tiles B):
+    four pmaddubsw added in int16, ready for one pmaddwd."""
+    bits = lanes * 32
+    ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
+    u8v, i8v, i16v = f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}"
+    a = [T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([4 * j], "uint8x4")), lanes))
+         for j in range(4)]
+    p = [T.call_llvm_pure_intrin(i16v, ub, a[j], B.vload([j, 0, 0], i8v)) for j in range(4)]
+    return (p[0] + p[1]) + (p[2] + p[3])
+
+
 def _pmaddubsw_x4_impl(lanes: int):
     """Four pmaddubsw summed in int16 before one pmaddwd (5-bit weights only).
 
@@ -97,9 +110,8 @@ def _pmaddubsw_x4_impl(lanes: int):
     int16: 4 byte-multiplies + 3 int16 adds + 1 widening multiply instead of 4 + 4, fewer multiply-port uops.
     """
     bits = lanes * 32
-    ub = "llvm.x86.avx512.pmaddubs.w.512" if lanes == 16 else "llvm.x86.avx2.pmadd.ub.sw"
     wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
-    u8v, i8v, i16v, i32v = (f"uint8x{bits // 8}", f"int8x{bits // 8}", f"int16x{bits // 16}", f"int32x{lanes}")
+    i32v = f"int32x{lanes}"
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -109,17 +121,53 @@ def _pmaddubsw_x4_impl(lanes: int):
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:16], B[0:4, 0:lanes, 0:4])
             T.writes(C[0:lanes])
-            a0 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([0], "uint8x4")), lanes))
-            a1 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([4], "uint8x4")), lanes))
-            a2 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([8], "uint8x4")), lanes))
-            a3 = T.reinterpret(u8v, T.broadcast(T.reinterpret("int32", A.vload([12], "uint8x4")), lanes))
-            p01 = T.call_llvm_pure_intrin(i16v, ub, a0, B.vload([0, 0, 0], i8v)) + T.call_llvm_pure_intrin(
-                i16v, ub, a1, B.vload([1, 0, 0], i8v))
-            p23 = T.call_llvm_pure_intrin(i16v, ub, a2, B.vload([2, 0, 0], i8v)) + T.call_llvm_pure_intrin(
-                i16v, ub, a3, B.vload([3, 0, 0], i8v))
             C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
-                i32v, wd, p01 + p23, T.broadcast(T.int16(1), bits // 16)
+                i32v, wd, _x4_pair_sums(A, B, lanes), T.broadcast(T.int16(1), bits // 16)
             )
+
+    return impl
+
+
+def _dot_desc_x4c(lanes: int):
+    """C[i] += int16(S[i]) * sum_{k < 16} A[k] * B[k // 4, i, k % 4]: the x4 step times a per-lane integer scale,
+    S holding c in both int16 halves (c * 65537), so it is the pmaddwd multiplier pair as it stands."""
+
+    @T.prim_func(s_tir=True)
+    def desc(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (4, lanes, 4), "int8", offset_factor=1)
+        S = T.match_buffer(s, (lanes,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], B[0:4, 0:lanes, 0:4], S[0:lanes])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 16):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vk // 4, vi, vk % 4]) * T.Cast(
+                        "int32", T.Cast("int16", S[vi]))
+
+    return desc
+
+
+def _pmaddubsw_x4c_impl(lanes: int):
+    """The x4 step with pmaddwd(p, S as int16 pairs) instead of pmaddwd(p, 1): the scale costs no instruction.
+    Exact: the int16 sum p of four pmaddubsw lanes is <= 4 * 2 * 255 * 8 = 16320 for codes in [-8, 7], and
+    pmaddwd's int32 lane p0 * c + p1 * c <= 2 * 16320 * 32767 fits."""
+    wd = "llvm.x86.avx512.pmaddw.d.512" if lanes == 16 else "llvm.x86.avx2.pmadd.wd"
+    i16v, i32v = f"int16x{lanes * 2}", f"int32x{lanes}"
+
+    @T.prim_func(s_tir=True)
+    def impl(a: T.handle, b: T.handle, s: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (16,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (4, lanes, 4), "int8", offset_factor=1)
+        S = T.match_buffer(s, (lanes,), "int32", offset_factor=1)
+        C = T.match_buffer(c, (lanes,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:16], B[0:4, 0:lanes, 0:4], S[0:lanes])
+            T.writes(C[0:lanes])
+            C[T.ramp(0, 1, lanes)] = C.vload([0], i32v) + T.call_llvm_pure_intrin(
+                i32v, wd, _x4_pair_sums(A, B, lanes), T.reinterpret(i16v, S.vload([0], i32v)))
 
     return impl
 
@@ -348,6 +396,9 @@ NIBBLE_INTRINSICS = {"avx512": ("agile_u4x4_avx512_16x16", 16), "avx2": ("agile_
 #: The nibble GEMV step with the activation zero point inside the dot (``zero_in_dot``: no stored row sums).
 NIBBLE_ZP_INTRINSICS = {"avx512": ("agile_u4x4zp_avx512_16x16", 16), "avx2": ("agile_u4x4zp_avx2_8x16", 8)}
 
+#: The x4 step times a per-lane integer scale (``int_scales.py``: weights on a power-of-two scale grid), k = 16.
+INT_SCALE_INTRINSICS = {"avx512": ("agile_u8i8x4c_avx512_16x16", 16), "avx2": ("agile_u8i8x4c_avx2_8x16", 8)}
+
 #: Signed activation bytes times int8 weights on x86 (W8A8 in int8 tiles, ``layout.signed_x86_w8``), k = 4.
 SIGNED_X86_INTRINSICS = {"avx2": ("agile_s8s8_avx2_8x4", 8)}
 
@@ -384,3 +435,5 @@ def register_all() -> None:
         TensorIntrin.register(name, _nibble_zp_desc(lanes), _nibble_zp_impl(lanes), override=True)
     for name, lanes in DOT_X4_INTRINSICS.values():
         TensorIntrin.register(name, _dot_desc_x4(lanes), _pmaddubsw_x4_impl(lanes), override=True)
+    for name, lanes in INT_SCALE_INTRINSICS.values():
+        TensorIntrin.register(name, _dot_desc_x4c(lanes), _pmaddubsw_x4c_impl(lanes), override=True)

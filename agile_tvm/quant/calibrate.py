@@ -83,9 +83,10 @@ class CalibratingLinear(nn.Module):
                     acc.add(seen_input(chunk, act))
                 self.shared[("h", key)] = acc.h
             codes = gptq_quantize(weight, self.shared[("h", key)], wq.bits, wq.group_size, wq.symmetric,
-                                  wq.act_order, wq.percdamp, float_zero=float_zero)
+                                  wq.act_order, wq.percdamp, float_zero=float_zero, scale_grid=wq.scale_grid)
         else:
-            codes = rtn_quantize(weight, wq.bits, wq.group_size, wq.symmetric, float_zero=float_zero)
+            codes = rtn_quantize(weight, wq.bits, wq.group_size, wq.symmetric, float_zero=float_zero,
+                                 scale_grid=wq.scale_grid)
         bias = self.linear.bias.detach() if self.linear.bias is not None else None
         q = QuantLinear.from_codes(codes, wq.bits, bias, act, float_zero=float_zero)
         setattr(self.parent[0], self.attr, q)

@@ -8,7 +8,7 @@ A `QuantConfig` says everything `quantize_model` needs; `get_config(name)` retur
 | w4a16-rtn      | 4-bit RTN, groups of 32, float offsets    | float                         | float                  |
 | w4a16-gptq     | 4-bit GPTQ, act order, g32, float offsets | float                         | float                  |
 | w8a8           | 8-bit GPTQ, g32, float offsets            | INT8 per token, pow2 smoothing | float                 |
-| agileq8        | 4-bit GPTQ, act order, g32, float offsets | INT8 per token                | INT8 Q.K, log2 4-bit, INT8 V |
+| agileq8        | 4-bit GPTQ, act order, g32, float offsets on the pow2 grid | INT8 per token | INT8 Q.K, log2 4-bit, INT8 V |
 | agileq4        | as agileq8                                | as agileq8, INT4 per token for the attention output projection | as agileq8 |
 | agileq8-static | 4-bit GPTQ, act order, g32, int zero      | INT8 static layer-wise + TRIP (the paper; checkpoint v1) | as agileq8 |
 
@@ -23,6 +23,13 @@ The LM head (agileq8/agileq4 `head_bits=8`): decode reads every head weight per 
 more than all its layers at 4 bits), so the head is INT8 in groups of 32 (symmetric) with per-token INT8 inputs:
 28 MB. SmolLM2's embedding ships as Q8_0 (symmetric blocks of 32), which this grid reproduces exactly.
 Attention quantization alone (same windows): 19.32 (INT8 Q/K/V alone 18.97, log2 4-bit softmax alone 19.10).
+
+Why agileq8/agileq4 put the group scales and offsets on a per-row power-of-two grid (`scale_grid="pow2"`: 2^e_n times
+an integer, 8-bit scale codes, 12-bit offset codes, docs/checkpoint.md): the x86 prefill GEMM then sums a row's
+groups in integers instead of converting and scaling every group (kernels/int_scales.py, 1.19-1.25x the GEMM on
+SmolLM2's shapes), and it costs no accuracy measured: SmolLM2 agileq8, handbook 10 x 2048, PyTorch reference 23.927
+on the grid against 23.985 with free float scales (session 9). w4a16 configs keep free scales (their float linears
+gain nothing, and free scales reproduce the shipped Q4_1 blocks exactly).
 
 Why groups of 32 for 4-bit weights: measured on SmolLM2 (handbook, one 512-token window, fp 11.21, 2k Austen
 calibration tokens): RTN per output channel 23.2, RTN in groups of 32 16.2; GPTQ per channel (no act order) 50.9,
@@ -60,6 +67,9 @@ class WeightQuant:
     act_order: bool = True
     percdamp: float = 0.01
     zero: str = "int"  # int: integer zero point (v1); float: a float offset per group (v2 `wmin`)
+    # float: any float32 group scales/offsets; pow2: on each row's power-of-two grid (2^e * integer codes, needs
+    # zero "float"), which lets the x86 GEMM sum a row's groups in integers (kernels/int_scales.py)
+    scale_grid: str = "float"
 
 
 @dataclass
@@ -120,6 +130,10 @@ class QuantConfig:
                 raise UserError(f"unknown weight method '{self.weight.method}': use gptq or rtn")
             if self.weight.zero not in ("int", "float"):
                 raise UserError(f"unknown weight zero point '{self.weight.zero}': use int or float")
+            if self.weight.scale_grid not in ("float", "pow2"):
+                raise UserError(f"unknown weight scale grid '{self.weight.scale_grid}': use float or pow2")
+            if self.weight.scale_grid == "pow2" and self.weight.zero != "float":
+                raise UserError('the pow2 scale grid needs float weight offsets: set the weight zero to "float"')
         if self.act is not None:
             check_bits(self.act.bits, "activation")
             for role, bits in self.act.a_bits_by_role.items():
@@ -169,8 +183,8 @@ class QuantConfig:
 G4 = 32  # 4-bit weight group size (see the module docstring)
 
 
-def _w4(method: str) -> WeightQuant:
-    return WeightQuant(4, method, G4, act_order=(method == "gptq"), zero="float")
+def _w4(method: str, scale_grid: str = "float") -> WeightQuant:
+    return WeightQuant(4, method, G4, act_order=(method == "gptq"), zero="float", scale_grid=scale_grid)
 
 
 def _a(bits: int = 8, **kw) -> ActQuant:
@@ -182,8 +196,8 @@ CONFIGS: dict[str, QuantConfig] = {
     "w4a16-rtn": QuantConfig("w4a16-rtn", _w4("rtn")),
     "w4a16-gptq": QuantConfig("w4a16-gptq", _w4("gptq")),
     "w8a8": QuantConfig("w8a8", WeightQuant(8, "gptq", G4, zero="float"), _a(smooth=0.99, trip_k=7)),
-    "agileq8": QuantConfig("agileq8", _w4("gptq"), _a(), AttnQuant(), head_bits=8),
-    "agileq4": QuantConfig("agileq4", _w4("gptq"), _a(a_bits_by_role={"o": 4}), AttnQuant(), head_bits=8),
+    "agileq8": QuantConfig("agileq8", _w4("gptq", "pow2"), _a(), AttnQuant(), head_bits=8),
+    "agileq4": QuantConfig("agileq4", _w4("gptq", "pow2"), _a(a_bits_by_role={"o": 4}), AttnQuant(), head_bits=8),
     # The paper as written (and checkpoint v1): static layer-wise INT8 with TRIP, integer weight zero points.
     "agileq8-static": QuantConfig("agileq8-static", WeightQuant(4, "gptq", G4), ActQuant(8), AttnQuant()),
 }

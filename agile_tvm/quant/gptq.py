@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from agile_tvm.quant.quantizers import WeightCodes, quantize_weight, resolve_group_size, weight_params
+from agile_tvm.errors import UserError
+from agile_tvm.quant.quantizers import (WeightCodes, pow2_grid_exponent, quantize_weight, resolve_group_size,
+                                          snap_to_pow2_grid, weight_params)
 
 
 class HessianAccumulator:
@@ -40,8 +42,12 @@ class HessianAccumulator:
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int = -1, symmetric: bool = False,
                   act_order: bool = True, percdamp: float = 0.01, blocksize: int = 128,
-                  float_zero: bool = False) -> WeightCodes:
-    """Quantize `w` [N, K] with Hessian `h` [K, K]: codes [N, K], scale/zero/offset [N, G]."""
+                  float_zero: bool = False, scale_grid: str = "float") -> WeightCodes:
+    """Quantize `w` [N, K] with Hessian `h` [K, K]: codes [N, K], scale/zero/offset [N, G].
+
+    ``scale_grid="pow2"`` (float offsets): each row's group scales and offsets are rounded onto its power-of-two
+    grid (``quantizers.snap_to_pow2_grid``) before the pass, so GPTQ compensates for that rounding too; dynamic
+    groups take the row's grid exponent from the original weights' group params."""
     w = w.detach().to(torch.float64).clone()
     n, k = w.shape
     g = resolve_group_size(group_size, k)
@@ -58,9 +64,15 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
     zeros = torch.zeros(n, k // g, dtype=torch.float64)
     offsets = torch.zeros(n, k // g, dtype=torch.float64)
     static = act_order and g < k
-    if static or g == k:
+    grid_e = None
+    if scale_grid == "pow2" and not float_zero:
+        raise UserError('scale_grid "pow2" needs float weight offsets (zero "float")')
+    if static or g == k or scale_grid == "pow2":
         for gi in range(k // g):
             scales[:, gi], zeros[:, gi], offsets[:, gi] = group_params(w[:, gi * g:(gi + 1) * g])
+        if scale_grid == "pow2":
+            grid_e = pow2_grid_exponent(scales, offsets)
+            scales, offsets = snap_to_pow2_grid(scales, offsets, grid_e)
 
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
     w = w[:, perm]
@@ -83,6 +95,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int =
                 # dynamic groups (no act order): params from the current, already error-compensated weights
                 # (as the reference: the block's in-flight updates are not yet in w)
                 scales[:, gi], zeros[:, gi], offsets[:, gi] = group_params(w[:, col:col + g])
+                if grid_e is not None:
+                    sg, og = snap_to_pow2_grid(scales[:, gi:gi + 1], offsets[:, gi:gi + 1], grid_e)
+                    scales[:, gi], offsets[:, gi] = sg[:, 0], og[:, 0]
             s, z, o = scales[:, gi], zeros[:, gi], offsets[:, gi]
             wc = w1[:, i]
             qc = quantize_weight(wc[:, None], s, z, bits, o)[:, 0]

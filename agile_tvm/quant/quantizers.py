@@ -81,6 +81,30 @@ def weight_params(w: torch.Tensor, bits: int, symmetric: bool, float_zero: bool 
     return scale, zero, torch.zeros_like(scale)
 
 
+#: The power-of-two scale grid (``WeightQuant.scale_grid="pow2"``): per row n, every group scale is 2^e_n * c with an
+#: integer c in [1, GRID_C_MAX] and every float offset 2^e_n * d with an integer |d| <= GRID_D_MAX. The kernels then
+#: sum a row's groups in integers (``agile_tvm.kernels.int_scales``, whose C_MAX / D_MAX these equal).
+GRID_C_MAX, GRID_D_MAX = 255, 2047
+
+
+def pow2_grid_exponent(scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """e [R] per row of scale/offset [R, G]: the smallest power of two for which every scale code fits GRID_C_MAX
+    and every offset code GRID_D_MAX after rounding (so the largest scale keeps 7-8 significant bits)."""
+    need = torch.maximum(scale.double().abs().amax(dim=1) / (GRID_C_MAX - 0.5),
+                         offset.double().abs().amax(dim=1) / (GRID_D_MAX - 0.5)).clamp(min=2.0**-140)
+    return torch.ceil(torch.log2(need)).to(torch.int64)
+
+
+def snap_to_pow2_grid(scale: torch.Tensor, offset: torch.Tensor, e: torch.Tensor | None = None):
+    """(scale, offset) [R, G] rounded to the row grid 2^e * integer (``pow2_grid_exponent`` unless `e` is given),
+    as exact float32 values; a scale never rounds to 0 (code >= 1)."""
+    e = pow2_grid_exponent(scale, offset) if e is None else e
+    unit = torch.pow(torch.tensor(2.0, dtype=torch.float64), e.double())[:, None]
+    c = torch.round(scale.double() / unit).clamp(1, GRID_C_MAX)
+    d = torch.round(offset.double() / unit).clamp(-GRID_D_MAX, GRID_D_MAX)
+    return (c * unit).to(scale.dtype), (d * unit).to(offset.dtype)
+
+
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                     offset: torch.Tensor | None = None) -> torch.Tensor:
     """Signed codes of `w` [R, C] with per-row `scale`, `zero` (float tensor holding integers), `offset` [R]."""
@@ -102,12 +126,16 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 float_zero: bool = False) -> WeightCodes:
-    """Round-to-nearest: codes [N, K] and scale/zero/offset [N, G] for groups of `group_size` inputs."""
+                 float_zero: bool = False, scale_grid: str = "float") -> WeightCodes:
+    """Round-to-nearest: codes [N, K] and scale/zero/offset [N, G] for groups of `group_size` inputs
+    (``scale_grid="pow2"``: scales and float offsets on each row's power-of-two grid, ``snap_to_pow2_grid``)."""
     n, k = w.shape
     g = resolve_group_size(group_size, k)
     wg = w.float().reshape(n, k // g, g).reshape(-1, g)
     scale, zero, offset = weight_params(wg, bits, symmetric, float_zero)
+    if scale_grid == "pow2":
+        sc, of = snap_to_pow2_grid(scale.reshape(n, k // g), offset.reshape(n, k // g))
+        scale, offset = sc.reshape(-1), of.reshape(-1)
     q = quantize_weight(wg, scale, zero, bits, offset).reshape(n, k)
     shape = (n, k // g)
     return WeightCodes(q, scale.reshape(shape), zero.reshape(shape), offset.reshape(shape))

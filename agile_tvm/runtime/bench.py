@@ -213,7 +213,13 @@ def run_bench(modules, tokens, decode_tokens, peers, model_spec, rounds, output)
     engines = torch_engines(model_spec, tokens, decode_tokens, [p for p in peers if p.startswith("torch")])
     if "llama.cpp" in peers:
         engines += llama_cpp_engines(tokens, decode_tokens)
-    engines += [tvm_engine(m, tokens, decode_tokens) for m in modules]
+    tvms = [tvm_engine(m, tokens, decode_tokens) for m in modules]
+    for e in tvms:  # two modules of one scheme (e.g. another scale grid): tell them apart by their folder
+        if sum(o.label == e.label for o in tvms) > 1:
+            e.base["config"] += f" ({Path(e.base['module']).name})"
+    for e in tvms:
+        e.label = f"tvm {e.base['config']}"
+    engines += tvms
     print(f"{len(engines)} engines, {rounds} interleaved rounds: " + ", ".join(e.label for e in engines), flush=True)
     records = run_rounds(engines, rounds)
     out = Path(output)
