@@ -97,10 +97,8 @@ class LinearEmitter:
             args = [x, self.w(p + ".act_shift", self._act_shift(p, k)), *self._weight_args(p, spec, wsum=not zid)]
             return self.emit(relax.call_tir(gv, args, relax.TensorType([1, n_out], "float32")))
         if spec.act == "token" and self._int_scale_grid([spec], k):
-            if p + ".wpack" not in self.weights.arrays:  # the nibbles and tables the decode GEMV shares
-                wfmt = self._weight_format(spec, k)
-                for suffix, array in self._packed_arrays(spec, wfmt, self._compact([spec], wfmt)).items():
-                    self.weights.var(p + suffix, array)
+            wfmt = self._weight_format(spec, k)
+            self._pack_linear(spec, wfmt, self._compact([spec], wfmt))  # the nibbles and tables decode shares
             self._pack_int_scales([spec], k, p)
             return self._int_scale_call(spec, k, n_out, p, self.quantize_act_token(x, spec, k))
         gv = self._linear_kernel(spec, k, n_out)
@@ -205,12 +203,17 @@ class LinearEmitter:
                 if func is None:
                     func = make(n_out, k, self.target, **options).with_attr("agile_tvm.schedule", self._hand_mark())
                 self.tir(key, func.without_attr("global_symbol"))
-            if name is None and spec.prefix + ".wpack" not in self.weights.arrays:
-                for suffix, array in self._packed_arrays(spec, wfmt, fusion["compact"]).items():
-                    self.weights.var(spec.prefix + suffix, array)
+            if name is None:
+                self._pack_linear(spec, wfmt, fusion["compact"])
         except UserError as err:
             raise UserError(f"linear {spec.prefix} ({k} -> {n_out}) cannot run on the integer kernels: {err}") from None
         return self._funcs[key]
+
+    def _pack_linear(self, spec: LinearSpec, wfmt: str, compact: bool) -> None:
+        """One linear's packed weights and tables (`_packed_arrays`) as module weights, once."""
+        if spec.prefix + ".wpack" not in self.weights.arrays:
+            for suffix, array in self._packed_arrays(spec, wfmt, compact).items():
+                self.weights.var(spec.prefix + suffix, array)
 
     def _tuned_kernel(self, make, wbits: int, n_out: int, k: int, options: dict):
         """The kernel `make(n_out, k, target, **options)` with its tuned schedule from `schedules/<target>/`, or
