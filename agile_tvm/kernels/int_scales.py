@@ -85,7 +85,6 @@ def pack_tables(q, c, d, e, target) -> dict[str, np.ndarray]:
     ct i32 [N/nb, G, nb] (c * 65537: c in both int16 halves, the vpmaddwd multiplier pair), dt i16
     [N/nb, G/2, nb, 2] (d of two groups), zc i32 [N/nb, nch, nb] (sum over a chunk's groups of c * sum q),
     srow f32 [N/nb, nb] (2^e)."""
-    nb = layout.linear_layout(layout._isa(target), 4, "nibble")[0]
     q = np.asarray(q, np.int64)
     N, K = q.shape
     G = c.shape[1]
@@ -93,20 +92,14 @@ def pack_tables(q, c, d, e, target) -> dict[str, np.ndarray]:
     nch = k_chunks(K, gs)
     if nch is None:
         raise UserError(f"K={K} with groups of {gs} has no chunking for the integer-scale GEMM (int_scales.k_chunks)")
-    n_pad = -(-N // nb) * nb
-
-    def pad(a):
-        out = np.zeros((n_pad, *a.shape[1:]), a.dtype)
-        out[:N] = a
-        return out
-
-    c64, d64 = c.astype(np.int64), d.astype(np.int64)
+    c64 = c.astype(np.int64)
     zc = (c64 * q.reshape(N, G, gs).sum(axis=2)).reshape(N, nch, G // nch).sum(axis=2)
-    def tiles(a):  # [N, ...] -> [n_pad / nb, ..., nb]
-        return np.ascontiguousarray(np.moveaxis(pad(a).reshape(n_pad // nb, nb, *a.shape[1:]), 1, -1))
 
-    dt = pad(d64.reshape(N, G // 2, 2)).reshape(n_pad // nb, nb, G // 2, 2).transpose(0, 2, 1, 3)
-    return {"ct": tiles((c64 * 65537).astype(np.int32)), "dt": np.ascontiguousarray(dt.astype(np.int16)),
+    def tiles(a):  # [N, ...] -> [n_pad / nb, ..., nb], zero-padded: the kernels' tiled tables
+        return layout.tile_tables(a, target, 4, "nibble")
+
+    dt = np.swapaxes(tiles(d.astype(np.int16).reshape(N, G // 2, 2)), -1, -2)  # [N/nb, G/2, nb, 2]
+    return {"ct": tiles((c64 * 65537).astype(np.int32)), "dt": np.ascontiguousarray(dt),
             "zc": tiles(zc.astype(np.int32)), "srow": tiles(np.ldexp(np.ones(N), e).astype(np.float32))}
 
 
