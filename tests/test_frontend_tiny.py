@@ -57,6 +57,26 @@ EXPECTED_LINEARS = {
     "llama-fgrid": (2, {("token", "float", 8), ("token", "int", 8)}),
 }
 MAX_LEN = 64
+# case -> how its module stores the embedding (`GraphBuilder.embed`); the table is prepared so before quantizing
+EMBEDDING_STORAGE = {
+    "llama": "head codes",  # a tied table already on the INT8 head's grid, as SmolLM2's Q8_0 embedding
+    "llama-fgrid": "bfloat16",  # a table saved from bfloat16 weights
+    "opt": "float32",  # random float32
+}
+
+
+def _prepare_embedding(weight, storage: str) -> None:
+    """Put the (tied) embedding table on the grid `storage` names, in place."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if storage == "head codes":  # Q8_0: symmetric blocks of 32, float16 scales, one code at +-127 per block
+            v, k = weight.shape
+            q = torch.randint(-127, 128, (v, k // 32, 32), generator=g).float()
+            q[..., 0] = 127.0 * torch.sign(q[..., 0] + 0.5)
+            d = (torch.rand(v, k // 32, 1, generator=g) * 4e-4 + 1e-4).half().float()
+            weight.copy_((q * d).reshape(v, k))
+        elif storage == "bfloat16":
+            weight.copy_(weight.bfloat16().float())
 
 
 def _quantize(arch_case: str, out_dir):
@@ -73,7 +93,10 @@ def _quantize(arch_case: str, out_dir):
     if arch_case.endswith("-fgrid"):
         cfg.weight.scale_grid = "float"
     calib = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-    qm = quantize_model(tiny_model(arch), cfg, calib)
+    loaded = tiny_model(arch)
+    if arch_case in EMBEDDING_STORAGE:
+        _prepare_embedding(loaded.model.get_input_embeddings().weight, EMBEDDING_STORAGE[arch_case])
+    qm = quantize_model(loaded, cfg, calib)
     save_quantized(qm, out_dir)
     if arch_case.endswith("-v1"):
         _rewrite_as_v1(out_dir)
@@ -233,6 +256,24 @@ def test_compiled_logits_equal_reference(exported, tapped):
     assert got.shape == ref.shape
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
     assert (got.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_embedding_is_stored_once_and_no_wider_than_exact(exported, request):
+    """The module stores the embedding as `EMBEDDING_STORAGE` says (the logits test above shows its rows are
+    right): no float table when the INT8 head's codes reproduce it, 16 bits when exact, else float32."""
+    case = request.node.callspec.params["exported"]
+    if case not in EMBEDDING_STORAGE:
+        pytest.skip("this case's embedding is not prepared")
+    _, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    specs = dict(zip(manifest["weights"], manifest["weight_specs"]))
+    tables = {name: dtype for name, (_, dtype) in specs.items() if "embed_tokens" in name}
+    expected = {"head codes": {},
+                "bfloat16": {"model.embed_tokens.weight.bfloat16": "uint16"},
+                "float32": {"model.decoder.embed_tokens.weight": "float32"}}[EMBEDDING_STORAGE[case]]
+    assert tables == expected
+    if not expected:
+        assert "lm_head.wpack" in specs  # the codes it reads instead
 
 
 def _attention_rows(func) -> list:

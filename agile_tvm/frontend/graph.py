@@ -90,6 +90,35 @@ def with_num_inputs(mod: relax.IRModule, num_inputs: dict[str, int]) -> relax.IR
     return mod
 
 
+def drop_unused_weights(mod: relax.IRModule, weights: "WeightTable", num_inputs: dict[str, int]) -> relax.IRModule:
+    """Remove the weights that no function reads, from every function's parameters and from `weights`.
+
+    Packing registers every array a linear might need (`LinearEmitter._packed_arrays`), but which ones a kernel
+    reads is decided later: the decode GEMV with the zero point in its dot and the integer-scale prefill GEMM read
+    no row sums, and an embedding read from the INT8 LM head leaves the float table unread. Stored anyway, they
+    were ~13 MB of SmolLM2's module that nothing loads into a register; every function keeps one shared signature
+    (a weight is kept if any function reads it)."""
+    names = list(weights.arrays)
+    used = set()
+    for fname, count in num_inputs.items():
+        func = mod[fname]
+        if len(func.params) - count != len(names):
+            raise RuntimeError(f"{fname} takes {len(func.params) - count} weights, the table has {len(names)}")
+        free = set(relax.analysis.free_vars(func.body))  # Vars hash and compare by identity
+        used.update(i for i, param in enumerate(func.params[count:]) if param in free)
+    if len(used) == len(names):
+        return mod
+    for fname, count in num_inputs.items():
+        gv = mod.get_global_var(fname)
+        func = mod[gv]
+        params = list(func.params[:count]) + [p for i, p in enumerate(func.params[count:]) if i in used]
+        mod[gv] = relax.Function(params, func.body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    for i, name in enumerate(names):
+        if i not in used:
+            del weights.arrays[name]
+    return mod
+
+
 class PruneState:
     """Token pruning while one function is emitted: which rows are still processed and which tokens they are."""
 
@@ -215,7 +244,12 @@ class GraphBuilder(LinearEmitter):
         return head_name, False
 
     def embed(self, ids_flat, weight: str, tied_head: bool = False):
-        """Token embedding; with a tied LM head and the kernels' packed FP32 head, read the packed table."""
+        """Token embedding, stored once and no wider than exact: with a tied float LM head, rows of the head's packed
+        FP32 table; with an INT8 head whose products equal the table, rows of its codes times its scales
+        (`embedding_from_head`); else the table in 16 bits where that is exact (`tir_ops.narrow_table`), or
+        float32."""
+        out_ty = relax.TensorType([self.n, self.ckpt.tensor(weight).shape[1]], "float32")
+        par = self.row_parallel
         if tied_head:
             table = self.ckpt.tensor(weight)
             packed_name = weight + ".fp32pack"
@@ -223,9 +257,29 @@ class GraphBuilder(LinearEmitter):
                 self.weights.var(packed_name, self.kernels.fp32.pack_fp32_weights(table, self.target))
             blocks, hidden, nb = self.weights.arrays[packed_name].shape
             gv = self.tir(f"embed_packed_{blocks}_{hidden}_{nb}", tir_ops.embed_packed(blocks, hidden, nb))
-            return self.emit(relax.call_tir(gv, [ids_flat, self.w(packed_name)],
-                                            relax.TensorType([self.n, hidden], "float32")))
-        return self.emit(R.take(self.w(weight), ids_flat, axis=0))
+            return self.emit(relax.call_tir(gv, [ids_flat, self.w(packed_name)], out_ty))
+        from_head = self.embedding_from_head(weight)
+        if from_head is not None:
+            codes, scales = (self.weights.arrays[name] for name in from_head)
+            blocks, kblocks, nb, kk = codes.shape
+            groups = scales.shape[1]
+            gv = self.tir(f"embed_codes_{blocks}_{kblocks}_{nb}_{kk}_{codes.dtype}_{groups}_{scales.dtype}"
+                          f"{self.row_suffix}", tir_ops.embed_codes(blocks, kblocks, nb, kk, str(codes.dtype), groups,
+                                                                    str(scales.dtype), parallel=par))
+            return self.emit(relax.call_tir(gv, [ids_flat, *(self.w(name) for name in from_head)], out_ty))
+        stored_name = self.__dict__.setdefault("_embedding_storage", {}).get(weight)
+        if stored_name is None:
+            array, storage = tir_ops.narrow_table(self.ckpt.tensor(weight))
+            stored_name = weight if storage == "float32" else f"{weight}.{storage}"
+            self.weights.var(stored_name, array)
+            self._embedding_storage[weight] = stored_name
+        if stored_name == weight:
+            return self.emit(R.take(self.w(weight), ids_flat, axis=0))
+        storage = stored_name.rsplit(".", 1)[1]
+        vocab, hidden = self.weights.arrays[stored_name].shape
+        gv = self.tir(f"embed_{storage}_{vocab}_{hidden}{self.row_suffix}",
+                      tir_ops.embed_narrow(vocab, hidden, storage, parallel=par))
+        return self.emit(relax.call_tir(gv, [ids_flat, self.w(stored_name)], out_ty))
 
     def rope_at(self, x, cos_table: str, sin_table: str, pos, heads: int, head_dim: int):
         """HF LLaMA RoPE of x [n, heads * head_dim] at positions pos [n] (int32), reading the stored cos/sin tables
@@ -460,4 +514,4 @@ class GraphBuilder(LinearEmitter):
                     "vm.builtin.attention_kv_cache_create", init, relax.ShapeExpr(shape), relax.prim_value(0),
                     ty_args=[relax.ObjectType()])))
             self.bb.emit_func_output(relax.Tuple(items))
-        return with_num_inputs(self.bb.get(), num_inputs)
+        return with_num_inputs(drop_unused_weights(self.bb.get(), self.weights, num_inputs), num_inputs)

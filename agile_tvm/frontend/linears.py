@@ -406,6 +406,36 @@ class LinearEmitter:
         args = [x, self.w(packed_name)] + ([self.w(bias_name)] if bias_name else [])
         return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([n, n_out], "float32")))
 
+    def embedding_from_head(self, embed_name: str) -> tuple[str, str] | None:
+        """(packed codes, tile-major scales) of the INT8 LM head when its dequantized weights equal the float
+        embedding `embed_name` bit for bit, else None. A tied head quantized from a table already on its grid has
+        exactly that (SmolLM2 ships its embedding as Q8_0 blocks of 32, which the head's symmetric groups of 32
+        reproduce): the embedding is then read from the head's codes (`tir_ops.embed_codes`) and the float table,
+        113 MB of SmolLM2's 247 MB module, is not stored. The check compares the float32 products the kernel
+        computes, so anything else (another grid, TRIP-shifted codes, an untied head) keeps the float table."""
+        cache = self.__dict__.setdefault("_embedding_from_head", {})
+        if embed_name not in cache:
+            cache[embed_name] = self._head_codes_equal(embed_name)
+        return cache[embed_name]
+
+    def _head_codes_equal(self, embed_name: str) -> tuple[str, str] | None:
+        spec = linear_spec(self.ckpt, HEAD)
+        if spec is None or spec.w_bits != 8 or spec.float_zero:
+            return None
+        table = self.ckpt.tensor(embed_name)
+        q = self.ckpt.tensor(HEAD + ".qweight")
+        if q.shape != table.shape:
+            return None
+        per_group = q.shape[1] // spec.groups
+        wz = np.repeat(self.ckpt.tensor(HEAD + ".wzero").astype(np.int32), per_group, axis=1)
+        scale = np.repeat(np.asarray(self.ckpt.tensor(HEAD + ".wscale"), np.float32), per_group, axis=1)
+        if not np.array_equal((q.astype(np.int32) - wz).astype(np.float32) * scale, table):
+            return None
+        k = q.shape[1]
+        wfmt = self._weight_format(spec, k)
+        self._pack_linear(spec, wfmt, self._compact([spec], wfmt))  # the arrays the head's kernels read
+        return HEAD + ".wpack", HEAD + ".wscale" + TILED
+
     def lm_head(self, x, hidden: int, vocab: int, weight: str, last_only: bool):
         """The LM head: the integer kernel when the checkpoint quantizes it (`lm_head` in `linears`), else float
         `weight`; with `last_only` only the last row (prefill/decode need just the next token)."""

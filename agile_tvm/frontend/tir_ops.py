@@ -923,6 +923,78 @@ def embed_packed(vocab_blocks: int, hidden: int, nb: int):
     return func
 
 
+@functools.lru_cache(maxsize=None)
+def embed_codes(blocks: int, kblocks: int, nb: int, kk: int, code_dtype: str, groups: int, scale_dtype: str,
+                parallel: bool = True):
+    """Embedding rows read from an integer LM head's packed codes W[V/nb, K/kk, nb, kk] (zero-corrected, any tile
+    format of `kernels.layout`) times its tile-major group scales S[V/nb, G, nb]: the float embedding is not stored
+    when these products equal it (`LinearEmitter.embedding_from_head`). The product is one float32 multiply of two
+    exactly converted values, as numpy's check computes it, so the rows are bit for bit the checked table."""
+    hidden = kblocks * kk
+    gs = hidden // groups
+    over_rows = T.parallel if parallel else T.serial
+
+    @T.prim_func(private=True)
+    def func(ids_h: T.handle, w_h: T.handle, s_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        ids = T.match_buffer(ids_h, (n,), "int32")
+        W = T.match_buffer(w_h, (blocks, kblocks, nb, kk), code_dtype)
+        S = T.match_buffer(s_h, (blocks, groups, nb), scale_dtype)
+        O = T.match_buffer(o_h, (n, hidden), "float32")
+        for i in over_rows(n):
+            for k in T.serial(hidden):
+                O[i, k] = (T.Cast("float32", W[T.Cast("int64", ids[i]) // nb, k // kk, T.Cast("int64", ids[i]) % nb,
+                                                k % kk])
+                           * T.Cast("float32", S[T.Cast("int64", ids[i]) // nb, k // gs, T.Cast("int64", ids[i]) % nb]))
+
+    return func
+
+
+#: how `embed_narrow` stores a float32 table exactly in 16 bits: bfloat16 as its raw bits, or float16
+NARROW_EMBEDDINGS = ("bfloat16", "float16")
+
+
+def narrow_table(table: np.ndarray) -> tuple[np.ndarray, str]:
+    """(stored array, storage) for a float32 embedding table: its 16-bit form when that is exact (checkpoints saved
+    from bfloat16 or float16 weights; the quantizer writes float32), else the table itself ("float32")."""
+    table = np.ascontiguousarray(table, np.float32)
+    bits = table.view(np.uint32)
+    if not np.any(bits & 0xFFFF):
+        return (bits >> 16).astype(np.uint16), "bfloat16"
+    half = table.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), table):  # NaN never compares equal: such a table stays float32
+        return half, "float16"
+    return table, "float32"
+
+
+@functools.lru_cache(maxsize=None)
+def embed_narrow(vocab: int, hidden: int, storage: str, parallel: bool = True):
+    """Embedding rows of a table stored in 16 bits (`narrow_table`), widened to float32 exactly: bfloat16 bits
+    shifted into the high half of a float32, float16 converted."""
+    assert storage in NARROW_EMBEDDINGS, storage
+    dtype = "uint16" if storage == "bfloat16" else "float16"
+    over_rows = T.parallel if parallel else T.serial
+
+    def widen(v):
+        if storage == "bfloat16":
+            return T.reinterpret("float32", T.shift_left(T.Cast("uint32", v), T.uint32(16)))
+        return T.Cast("float32", v)
+
+    @T.prim_func(private=True)
+    def func(ids_h: T.handle, w_h: T.handle, o_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tir.is_scheduled": True})
+        n = T.int64()
+        ids = T.match_buffer(ids_h, (n,), "int32")
+        W = T.match_buffer(w_h, (vocab, hidden), dtype)
+        O = T.match_buffer(o_h, (n, hidden), "float32")
+        for i in over_rows(n):
+            for k in T.serial(hidden):
+                O[i, k] = widen(W[T.Cast("int64", ids[i]), k])
+
+    return func
+
+
 # ------------------------------------------------------------------------------------------------ token pruning
 #: a score above any sum of probabilities: the first token always ranks first (the reference sets it to +inf)
 _FIRST_TOKEN_SCORE = 3.0e38

@@ -2,7 +2,8 @@
 
 Layout of the output folder (everything written to temporary names first, then renamed into place):
     model.so               the compiled Relax VM executable (cross-linked with aarch64-linux-gnu-g++ for boards)
-    weights.safetensors    every weight in the order the functions take them, already in the kernels' layout
+    weights.safetensors    every weight some function reads, in the order they take them, already in the kernels'
+                           layout (`GraphBuilder.embed` for how the embedding is stored)
     manifest.json          target, architecture, config, compiled maximum length, weight order, token pruning
                            schedule ("pruning": the checkpoint's, or the --prune-beta override; null: none)
     tokenizer.json ...     the checkpoint's tokenizer files, so `agile-tvm run --prompt` needs nothing else
