@@ -8,7 +8,8 @@ of at least ``--min-ms`` ms each (``min_ms`` is recorded too: on a shared machin
 M = 1 uses the GEMV (decode) variant of each TVM kernel (``m=1``).
 "W4A8" has per-channel weights; "W4A8 g32" groups of 32 (checkpoint v1: integer zero points, one activation scale);
 "W4A8 g32 v2" the v2 default (groups of 32 with float offsets wmin, per-token activation scales: ``act="token"``,
-``has_wmin=True``). The TVM kernels time the linear only: activation quantization is its own kernel (timed as
+``has_wmin=True``); "W4A8 g32 intscale" the v2 GEMM on the power-of-two scale grid that agileq8's prefill runs
+(kernels/int_scales.py, x86, M > 1 only). The TVM kernels time the linear only: activation quantization is its own kernel (timed as
 ``act-quant`` and, v2 per token with group sums of 32, ``act-quant token``; N = K).
 
     .venv/bin/python scripts/bench_kernels.py                 # full grid, host target, 2 threads, wall time
@@ -37,8 +38,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 MS = [1, 128, 512]
-IMPLS = ["W4A8", "W4A8 g32", "W4A8 g32 v2", "W4A8 nibble", "W8A8", "W4A4", "TVM FP32", "torch FP32",
-         "torch int8 dynamic"]
+IMPLS = ["W4A8", "W4A8 g32", "W4A8 g32 v2", "W4A8 nibble", "W4A8 g32 intscale", "W8A8", "W4A4", "TVM FP32",
+         "torch FP32", "torch int8 dynamic"]
+PREFILL_ONLY = {"W4A8 g32 intscale"}  # GEMM-only kernels: no M = 1 record
 
 
 CPU_CLOCK = False  # --cpu-time: one thread, process CPU time instead of wall time
@@ -103,6 +105,24 @@ def tvm_case(impl, N, K, M, target):
         func = k.w4a8_linear_func(N, K, target, group_size=32, m=m, act="token", has_wmin=True)
         args, _, want, bound = cases.linear_v2_case("w4a8", N, K, M, target, group_size=32, has_wmin=True,
                                                     bound=True)
+    elif impl == "W4A8 g32 intscale":  # the v2 GEMM on the power-of-two scale grid (agileq8 prefill, x86)
+        from agile_tvm.kernels import int_scales, layout
+
+        rng, gs = np.random.default_rng(0), 32
+        G = K // gs
+        q = rng.integers(-8, 8, (N, K))
+        c = rng.integers(1, 256, (N, G)).astype(np.uint8)
+        d = rng.integers(-2047, 2048, (N, G)).astype(np.int16)
+        e = np.full(N, -18, np.int32)
+        xq = rng.integers(0, 256, (M, K)).astype(np.uint8)
+        zp = rng.integers(0, 256, M).astype(np.int32)
+        s = rng.random(M).astype(np.float32)
+        xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, G, gs).sum(-1).astype(np.int32)
+        tabs = int_scales.pack_tables(q, c, d, e, target)
+        wpack = layout._pack_nibbles(q, np.zeros((N, G), np.int8), layout._isa(target))["wpack"]
+        func = int_scales.int_scale_linear_func(N, K, target, group_size=gs)
+        args = [xq, wpack, tabs["ct"], tabs["dt"], tabs["zc"], tabs["srow"], s, zp, xsum, np.zeros((M, N), np.float32)]
+        want = int_scales.reference(xq, zp, s, xsum, q, c, d, e)
     elif impl == "W4A8 nibble":  # 4-bit weights in memory, unpacked in registers (x86)
         func = k.w4a8_linear_func(N, K, target, m=m, wfmt="nibble")
         args, _, want = cases.linear_case("w4a8", N, K, M, target, wfmt="nibble")
@@ -119,6 +139,8 @@ def tvm_case(impl, N, K, M, target):
         got = targs[-1].numpy()
         if impl == "W4A8 g32 v2":
             ok = bool((np.abs(got.astype(np.float64) - want) <= bound).all())
+        elif impl == "W4A8 g32 intscale":
+            ok = np.array_equal(got, want)  # bit for bit its numpy twin
         elif got.dtype != np.float32:
             ok = np.array_equal(got, want)
         else:
@@ -203,6 +225,8 @@ def main(argv=None):
     for N, K in SHAPES:
         for M in ms:
             for impl in impls:
+                if M == 1 and impl in PREFILL_ONLY:
+                    continue
                 if impl.startswith("torch"):
                     x = torch.randn(M, K)
                     lin = torch.nn.Linear(K, N, bias=False)
@@ -285,7 +309,8 @@ def markdown_table(records, meta):
     records = [r for r in records if r["impl"] in IMPLS]
     impls = [i for i in IMPLS if any(r["impl"] == i for r in records)]
     ratios = [("W4A8", "TVM FP32"), ("W4A8", "torch FP32"), ("W4A4", "W8A8"), ("W4A8", "W4A8 g32"),
-              ("W4A8", "W4A8 g32 v2")]  # GFLOP/s ratios; the last two are g32 time / per-channel time
+              ("W4A8", "W4A8 g32 v2"),  # GFLOP/s ratios; these two are g32 time / per-channel time
+              ("W4A8 g32 intscale", "torch FP32"), ("W4A8 g32 intscale", "torch int8 dynamic")]  # agileq8 prefill
     head = "| K -> N | M | " + " | ".join(impls) + " | " + " | ".join(f"{x} / {y}" for x, y in ratios) + " |"
     lines = [f"GFLOP/s (2*M*N*K / median {meta['clock']}), {meta['cpu']}, {meta['threads']} thread(s), "
              f"load average "

@@ -276,6 +276,21 @@ def test_embedding_is_stored_once_and_no_wider_than_exact(exported, request):
         assert "lm_head.wpack" in specs  # the codes it reads instead
 
 
+def test_manifest_counts_the_weight_bytes_a_decode_step_reads(exported, request):
+    """decode_weight_bytes (what `agile-tvm bench` turns into GB/s) is every stored weight except the tables
+    decode only gathers rows from (RoPE, a float embedding) and the integer-scale tables only prefill reads."""
+    if request.node.callspec.params["exported"] not in ("llama", "opt"):
+        pytest.skip("one LLaMA and one OPT module suffice")
+    _, out = exported
+    manifest = json.loads((out / "manifest.json").read_text())
+    prefill_only = (".ct", ".dt", ".zc", ".srow")
+    expected = sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                   for name, (shape, dtype) in zip(manifest["weights"], manifest["weight_specs"])
+                   if not name.startswith("rope.") and "embed_" not in name and not name.endswith(prefill_only))
+    assert any(name.endswith(".ct") for name in manifest["weights"])  # the exclusion above is exercised
+    assert manifest["decode_weight_bytes"] == expected
+
+
 def _attention_rows(func) -> list:
     """The query rows of every attention kernel call in a Relax function, in order (ints when static)."""
     from tvm import relax

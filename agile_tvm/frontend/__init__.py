@@ -45,7 +45,7 @@ def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool
     (`checkpoint.prune_schedule`); meta["pruning"] holds the schedule the module runs (None: no pruning).
     `tuned=False`: the static kernels keep their hand schedules even where `schedules/<target>/` has records."""
     from agile_tvm.frontend.checkpoint import Checkpoint, load_checkpoint, prune_schedule
-    from agile_tvm.frontend.graph import GraphBuilder
+    from agile_tvm.frontend.graph import GraphBuilder, decode_weight_bytes
 
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
@@ -72,6 +72,7 @@ def build_module(ckpt, max_seq_len: int | None = None, target="host", taps: bool
         # checks these once at load
         "weight_specs": [[list(a.shape), str(a.dtype)] for a in g.weights.arrays.values()],
         "pruning": pruning.to_dict() if pruning is not None else None,
+        "decode_weight_bytes": decode_weight_bytes(mod, g.weights),
     }
     if taps:
         meta["taps"] = list(g.tap_names)

@@ -119,6 +119,35 @@ def drop_unused_weights(mod: relax.IRModule, weights: "WeightTable", num_inputs:
     return mod
 
 
+#: kernels that gather a few rows of a weight table (one per token) rather than read all of it
+GATHER_KERNELS = ("embed", "rope", "take")
+
+
+def decode_weight_bytes(mod: relax.IRModule, weights: "WeightTable") -> int:
+    """Bytes of weights one decode step reads in full: every weight passed to a kernel of the decode function,
+    except tables it only gathers a row from (`GATHER_KERNELS`: embedding, RoPE). With the KV cache read on top,
+    this is what bounds decode on a memory-bound CPU (`agile-tvm bench` reports it with the achieved GB/s)."""
+    func = mod["decode"]
+    index = {param: name for param, name in zip(func.params[int(func.attrs["num_input"]):], weights.arrays)}
+    read = set()
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not isinstance(call, relax.Call):
+                continue
+            op_name = getattr(call.op, "name", None) or getattr(call.op, "name_hint", "")
+            if op_name == "relax.call_tir":
+                if call.args[0].name_hint.startswith(GATHER_KERNELS):
+                    continue
+                args = list(call.args[1].fields)
+            else:
+                if "take" in op_name:
+                    continue
+                args = list(call.args)
+            read.update(index[a] for a in args if a in index)
+    return sum(weights.arrays[name].nbytes for name in read)
+
+
 class PruneState:
     """Token pruning while one function is emitted: which rows are still processed and which tokens they are."""
 

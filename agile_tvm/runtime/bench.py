@@ -4,7 +4,9 @@ llama.cpp's llama-bench on the shipped GGUF and its re-quantizations) timed in t
 Interleaved rounds: every round times each engine once at each prompt length, then its decode rate, so this
 machine's drift over minutes (+-30% seen between engines timed one after the other) hits all engines alike; the
 record holds the median over rounds (and the per-round values). Record per (engine, prompt length):
-{"target", "model", "impl", "config", "tokens", "prefill_ms", "decode_tok_s", "size_mb"} + "prefill_ms_rounds".
+{"target", "model", "impl", "config", "tokens", "prefill_ms", "decode_tok_s", "size_mb"} + "prefill_ms_rounds"
+(and for agile-tvm modules "decode_weight_mb", the weight bytes one decode step reads in full, and
+"decode_weight_gb_s", those bytes times the decode rate: how close decode gets to the memory bandwidth).
 Prefill = a fresh KV cache and a prompt of `tokens` tokens up to the last token's logits (what generation needs);
 decode = tokens/s of greedy steps after a 128-token prompt (listed with the shortest prompt's record; llama.cpp:
 `llama-bench -n N -d 128`, the same depth).
@@ -57,6 +59,8 @@ def tvm_engine(out_dir, tokens: list[int], decode_tokens: int) -> Engine:
         config += f"@{man['pruning']['beta']}"
     base = {"target": man["target"], "model": man.get("source_model") or man["arch"], "impl": "tvm",
             "config": config, "size_mb": round(size_mb, 2), "module": str(out_dir)}
+    if man.get("decode_weight_bytes"):  # modules exported since session 10
+        base["decode_weight_mb"] = round(man["decode_weight_bytes"] / 1e6, 2)
     fits = [n for n in tokens if n <= lm.max_seq_len]
     for n in sorted(set(tokens) - set(fits)):
         print(f"  tvm {config}: skip {n} tokens (compiled maximum {lm.max_seq_len})")
@@ -199,6 +203,8 @@ def run_rounds(engines: list[Engine], rounds: int, warmup: bool = True) -> list[
             if n == min(e.tokens):
                 rec["decode_tok_s"] = round(statistics.median(raw[id(e)]["decode"]), 2)
                 rec["decode_tok_s_rounds"] = [round(x, 2) for x in raw[id(e)]["decode"]]
+                if rec.get("decode_weight_mb"):  # weight bytes a step reads x steps/s (the KV cache comes on top)
+                    rec["decode_weight_gb_s"] = round(rec["decode_weight_mb"] * rec["decode_tok_s"] / 1e3, 2)
             records.append(rec)
     return records
 
@@ -262,6 +268,9 @@ def round_ratios(records: list[dict]) -> list[str]:
             lines.append(f"{label} decode, per round: " + ", ".join(
                 f"{spread([a / b for a, b in zip(mine, p['decode_tok_s_rounds'])])} {p['impl']} {p['config']}"
                 for p in refs))
+        if rec.get("decode_weight_gb_s"):
+            lines.append(f"{label} decode reads {rec['decode_weight_mb']:.1f} MB of weights a step: "
+                         f"{rec['decode_weight_gb_s']:.1f} GB/s at the median rate (plus the KV cache)")
     return lines
 
 
