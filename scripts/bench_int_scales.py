@@ -33,23 +33,15 @@ def kernel_ab(M: int, rounds: int) -> list[dict]:
     import numpy as np
     import tvm
 
-    from agile_tvm.kernels import build, int_scales, layout
+    from agile_tvm.kernels import build, cases, int_scales, layout
     from agile_tvm.kernels.linear import w4a8_linear_func
 
-    target, dev, rng, gs = "host", tvm.cpu(), np.random.default_rng(0), 32
+    target, dev, gs = "host", tvm.cpu(), 32
     records = []
     for N, K in SHAPES:
-        G = K // gs
-        q = rng.integers(-8, 8, (N, K))
-        c = rng.integers(1, 256, (N, G)).astype(np.uint8)
-        d = rng.integers(-2047, 2048, (N, G)).astype(np.int16)
-        e = np.full(N, -18, np.int32)
-        xq = rng.integers(0, 256, (M, K)).astype(np.uint8)
-        zp = rng.integers(0, 256, M).astype(np.int32)
-        s = rng.random(M).astype(np.float32)
-        xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, G, gs).sum(-1).astype(np.int32)
-        packed = layout._pack_nibbles(q, np.zeros((N, G), np.int8), layout._isa(target))
-        tabs = int_scales.pack_tables(q, c, d, e, target)
+        args0, _, _, k = cases.int_scale_case(N, K, M, target, group_size=gs)
+        q, c, d, e, xq, zp, s, xsum = (k[name] for name in ("q", "c", "d", "e", "xq", "zp", "s", "xsum"))
+        packed = layout._pack_nibbles(q, np.zeros((N, K // gs), np.int8), layout._isa(target))
         wscale = np.ldexp(c.astype(np.float64), e[:, None]).astype(np.float16)  # exact: the compact tables
         wmin = np.ldexp(d.astype(np.float64), e[:, None]).astype(np.float16)
         tiled = lambda t: layout.tile_tables(t, target, 4, "nibble")  # noqa: E731
@@ -60,8 +52,7 @@ def kernel_ab(M: int, rounds: int) -> list[dict]:
         for impl, func, arrays in (
                 ("float epilogue", old, (xq, packed["wpack"], tiled(packed["wsum"].astype(np.int16)), tiled(wscale),
                                          tiled(wmin), s, zp, xsum)),
-                ("integer scales", new, (xq, packed["wpack"], tabs["ct"], tabs["dt"], tabs["zc"], tabs["srow"], s,
-                                         zp, xsum))):
+                ("integer scales", new, tuple(args0[:-1]))):
             name = str(func.attrs["global_symbol"])
             args = [tvm.runtime.tensor(a, dev) for a in arrays] + [tvm.runtime.tensor(np.zeros((M, N), np.float32),
                                                                                      dev)]

@@ -106,23 +106,10 @@ def tvm_case(impl, N, K, M, target):
         args, _, want, bound = cases.linear_v2_case("w4a8", N, K, M, target, group_size=32, has_wmin=True,
                                                     bound=True)
     elif impl == "W4A8 g32 intscale":  # the v2 GEMM on the power-of-two scale grid (agileq8 prefill, x86)
-        from agile_tvm.kernels import int_scales, layout
+        from agile_tvm.kernels.int_scales import int_scale_linear_func
 
-        rng, gs = np.random.default_rng(0), 32
-        G = K // gs
-        q = rng.integers(-8, 8, (N, K))
-        c = rng.integers(1, 256, (N, G)).astype(np.uint8)
-        d = rng.integers(-2047, 2048, (N, G)).astype(np.int16)
-        e = np.full(N, -18, np.int32)
-        xq = rng.integers(0, 256, (M, K)).astype(np.uint8)
-        zp = rng.integers(0, 256, M).astype(np.int32)
-        s = rng.random(M).astype(np.float32)
-        xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, G, gs).sum(-1).astype(np.int32)
-        tabs = int_scales.pack_tables(q, c, d, e, target)
-        wpack = layout._pack_nibbles(q, np.zeros((N, G), np.int8), layout._isa(target))["wpack"]
-        func = int_scales.int_scale_linear_func(N, K, target, group_size=gs)
-        args = [xq, wpack, tabs["ct"], tabs["dt"], tabs["zc"], tabs["srow"], s, zp, xsum, np.zeros((M, N), np.float32)]
-        want = int_scales.reference(xq, zp, s, xsum, q, c, d, e)
+        func = int_scale_linear_func(N, K, target, group_size=32)
+        args, _, want, _ = cases.int_scale_case(N, K, M, target)
     elif impl == "W4A8 nibble":  # 4-bit weights in memory, unpacked in registers (x86)
         func = k.w4a8_linear_func(N, K, target, m=m, wfmt="nibble")
         args, _, want = cases.linear_case("w4a8", N, K, M, target, wfmt="nibble")

@@ -216,3 +216,26 @@ def attn_v_case(Hq, Hkv, D, M, N, bits, seed=0, extreme=False):
     vs = np.float32(0.013)
     args = [codes, v8, pmax, _scalar(vs, np.float32), np.zeros((Hq, M, D), np.float32)]
     return args, 4, reference.attn_v_log2(codes, v8, pmax, vs, bits)
+
+
+def int_scale_case(N, K, M, target, *, group_size=32, seed=0):
+    """Inputs of the integer-scale GEMM (`int_scales.int_scale_linear_func`, no bias) and its numpy twin's output,
+    plus the raw codes, for benchmarks that also run the float-epilogue GEMM on the same weights:
+    (args, out_index, expected, codes) with codes = dict(q, c, d, e, xq, zp, s, xsum, wpack)."""
+    from . import int_scales
+
+    rng = np.random.default_rng(seed)
+    G = K // group_size
+    q = rng.integers(-8, 8, (N, K))
+    c = rng.integers(1, 256, (N, G)).astype(np.uint8)
+    d = rng.integers(-2047, 2048, (N, G)).astype(np.int16)
+    e = np.full(N, -18, np.int32)
+    xq = rng.integers(0, 256, (M, K)).astype(np.uint8)
+    zp = rng.integers(0, 256, M).astype(np.int32)
+    s = rng.random(M).astype(np.float32)
+    xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, G, group_size).sum(-1).astype(np.int32)
+    tabs = int_scales.pack_tables(q, c, d, e, target)
+    wpack = layout._pack_nibbles(q, np.zeros((N, G), np.int8), layout._isa(target))["wpack"]
+    args = [xq, wpack, tabs["ct"], tabs["dt"], tabs["zc"], tabs["srow"], s, zp, xsum, np.zeros((M, N), np.float32)]
+    codes = dict(q=q, c=c, d=d, e=e, xq=xq, zp=zp, s=s, xsum=xsum, wpack=wpack)
+    return args, len(args) - 1, int_scales.reference(xq, zp, s, xsum, q, c, d, e), codes
