@@ -389,12 +389,14 @@ class GraphBuilder(LinearEmitter):
         prune = self._prune
         first_probs = prune is not None and prune.prunes(prune.layer + 1)
         key_positions = alibi and prune is not None and prune.started  # keys no longer sit at their row index
+        int16_dot = self._has_pmaddwd()
         if self._uses_decode_attention(head_dim, first_probs, key_positions):
+            int16_dot = int16_dot and head_dim % 16 == 0
             gv = self.tir(f"attention_decode_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}"
-                          f"{'_alibi' if alibi else ''}",
-                          tir_ops.attention_decode(heads, kv_heads, head_dim, kv_dtype, bits, alibi, parallel=True))
+                          f"{'_alibi' if alibi else ''}{'_i16' if int16_dot else ''}",
+                          tir_ops.attention_decode(heads, kv_heads, head_dim, kv_dtype, bits, alibi, parallel=True,
+                                                   int16_dot=int16_dot))
         else:
-            int16_dot = self._has_pmaddwd()
             gv = self.tir(f"attention_{heads}_{kv_heads}_{head_dim}_{kv_dtype}_{bits}{'_alibi' if alibi else ''}"
                           f"{'_p0' if first_probs else ''}{'_kpos' if key_positions else ''}"
                           f"{'_i16' if int16_dot else ''}",
@@ -428,7 +430,7 @@ class GraphBuilder(LinearEmitter):
         return rows
 
     def _has_pmaddwd(self) -> bool:
-        """Whether the target has AVX2's pmaddwd, which the blocked attention's INT8 Q.K uses (`int16_dot`)."""
+        """Whether the target has AVX2's pmaddwd, which the INT8 Q.K of both attention kernels uses (`int16_dot`)."""
         from agile_tvm.targets import isa_of
 
         return isa_of(self.target) in ("avx2", "avx512")

@@ -551,7 +551,7 @@ DECODE_LANES = 8
 
 @functools.lru_cache(maxsize=None)
 def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, softmax_bits: int, alibi: bool,
-                     parallel: bool = False):
+                     parallel: bool = False, int16_dot: bool = False):
     """The attention of one query (decode: n = 1) over m cached keys, bit for bit what `attention_blocked` computes
     for n = 1, without its blocking: one pass per KV head g over its keys, for the `heads // kv_heads` query heads
     sharing g together (each K/V row is loaded once for all of them).
@@ -569,6 +569,9 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
     the serial form, so the results are too); without it one serial pass per KV head, its query heads sharing each
     K/V row load. SmolLM2's 9 heads / 3 KV heads on 2 threads, parallel vs serial: 7 vs 10 us at 128 keys, 25 vs
     34 at 512, 96-116 vs 136-149 at 2048 (one run, quiet machine).
+    `int16_dot` (INT8 on AVX2, the models' choice there): step 1 as AVX2 pmaddwd of the int16 query codes with the
+    sign-extended K row, 16 products per instruction into int32 lanes, instead of converting every K code to
+    float32 and multiplying: the same exact integer dot, so the same score bits.
     """
     group = heads // kv_heads
     rows = 1 if parallel else group  # query heads per pass
@@ -579,6 +582,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
     assert head_dim % lanes == 0, "decode attention needs head_dim a multiple of DECODE_LANES"
     assert not quant or head_dim * 127 * 127 < 2**24, "INT8 Q.K no longer exact in float32"
     chunks = head_dim // lanes
+    idot = int16_dot and quant
+    assert not idot or head_dim % 16 == 0, "the int16 dot takes 16 codes per pmaddwd"
     use_alibi = alibi
     iav = quant and softmax_bits <= ATTN_INT_AV_MAX_BITS  # INT8 AttnV in integers, as `attention_blocked`
     cbl = attn_v_key_chunk(softmax_bits) // lanes if iav else 1  # lane blocks per int32 AttnV chunk
@@ -592,6 +597,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
         acc_i = T.decl_buffer((rows, head_dim if iav else 1), "int32")
         part = T.decl_buffer((rows, lanes), "float32", scope="local")
         row = T.decl_buffer((head_dim,), "float32", scope="local")  # the K or V row being used, as float32
+        qi = T.decl_buffer((rows, head_dim if idot else 1), "int16")
+        dot8 = T.decl_buffer((lanes,), "int32", scope="local")
         rmax = T.decl_buffer((rows, lanes), "float32")
         rsum = T.decl_buffer((rows, lanes), "float32")
         w = T.decl_buffer((rows, lanes), "float32")
@@ -607,6 +614,8 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                                            T.float32(127)), T.float32(-127))
                 else:
                     qf[r, d] = Q[0, h0 + r, d]
+                if idot:
+                    qi[r, d] = T.Cast("int16", qf[r, d])
                 acc[r, d] = T.float32(0)
                 if iav:
                     acc_i[r, d] = 0
@@ -615,16 +624,29 @@ def attention_decode(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, so
                 rsum[r, l] = T.float32(0)
         for j in T.serial(m):
             for r in T.unroll(I64(rows)):
-                for l in T.vectorized(I64(lanes)):
-                    part[r, l] = qf[r, l] * T.Cast("float32", K[j, g, l])
-                for c in T.unroll(I64(1), I64(chunks)):
+                if idot:  # exact int32 lanes; the integer dot < 2^24 converts to the float path's exact sum
+                    dot8[T.ramp(0, 1, lanes)] = _pmaddwd(qi.vload([r, 0], "int16x16"),
+                                                         T.Cast("int16x16", K.vload([j, g, 0], "int8x16")))
+                    for c in T.unroll(I64(1), I64(head_dim // 16)):
+                        dot8[T.ramp(0, 1, lanes)] = dot8.vload([0], "int32x8") + _pmaddwd(
+                            qi.vload([r, c * 16], "int16x16"), T.Cast("int16x16", K.vload([j, g, c * 16], "int8x16")))
+                    for l in T.vectorized(I64(4)):
+                        dot8[l] = dot8[l] + dot8[l + 4]
+                    for l in T.vectorized(I64(2)):
+                        dot8[l] = dot8[l] + dot8[l + 2]
+                    sc[r, j] = T.Cast("float32", dot8[0] + dot8[1]) * red[0]
+                else:
                     for l in T.vectorized(I64(lanes)):
-                        part[r, l] = part[r, l] + qf[r, c * lanes + l] * T.Cast("float32", K[j, g, c * lanes + l])
-                for l in T.vectorized(I64(4)):
-                    part[r, l] = part[r, l] + part[r, l + 4]
-                for l in T.vectorized(I64(2)):
-                    part[r, l] = part[r, l] + part[r, l + 2]
-                sc[r, j] = (part[r, 0] + part[r, 1]) * red[0]
+                        part[r, l] = qf[r, l] * T.Cast("float32", K[j, g, l])
+                    for c in T.unroll(I64(1), I64(chunks)):
+                        for l in T.vectorized(I64(lanes)):
+                            part[r, l] = part[r, l] + qf[r, c * lanes + l] * T.Cast("float32",
+                                                                                    K[j, g, c * lanes + l])
+                    for l in T.vectorized(I64(4)):
+                        part[r, l] = part[r, l] + part[r, l + 4]
+                    for l in T.vectorized(I64(2)):
+                        part[r, l] = part[r, l] + part[r, l + 2]
+                    sc[r, j] = (part[r, 0] + part[r, 1]) * red[0]
                 if use_alibi:
                     sc[r, j] = sc[r, j] + SL[h0 + r] * T.Cast("float32", j)
                 rmax[r, j % lanes] = T.max(rmax[r, j % lanes], sc[r, j])
@@ -704,6 +726,13 @@ def _int_av_out(acc, top: int, v_scale, rsum):
 
     one = tirx.const(1.0, "float32")
     return (acc * tirx.const(1.0 / 2 ** (top - 1), "float32")) * (v_scale * (one / rsum))
+
+
+def _pmaddwd(a, b):
+    """AVX2 pmaddwd of two int16x16 vectors: int32x8 of a[2i] * b[2i] + a[2i + 1] * b[2i + 1], exact."""
+    from tvm import tirx
+
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", a, b)
 
 
 def _pmaddwd_pair(pair, vec):
