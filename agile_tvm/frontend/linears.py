@@ -427,10 +427,13 @@ class LinearEmitter:
         if q.shape != table.shape:
             return None
         per_group = q.shape[1] // spec.groups
-        wz = np.repeat(self.ckpt.tensor(HEAD + ".wzero").astype(np.int32), per_group, axis=1)
-        scale = np.repeat(np.asarray(self.ckpt.tensor(HEAD + ".wscale"), np.float32), per_group, axis=1)
-        if not np.array_equal((q.astype(np.int32) - wz).astype(np.float32) * scale, table):
-            return None
+        wzero, wscale = self.ckpt.tensor(HEAD + ".wzero"), np.asarray(self.ckpt.tensor(HEAD + ".wscale"), np.float32)
+        for r in range(0, q.shape[0], 4096):  # row blocks: a 7B model's head would need GBs of temporaries at once
+            rows = slice(r, r + 4096)
+            wz = np.repeat(wzero[rows].astype(np.int32), per_group, axis=1)
+            scale = np.repeat(wscale[rows], per_group, axis=1)
+            if not np.array_equal((q[rows].astype(np.int32) - wz).astype(np.float32) * scale, table[rows]):
+                return None
         k = q.shape[1]
         wfmt = self._weight_format(spec, k)
         self._pack_linear(spec, wfmt, self._compact([spec], wfmt))  # the arrays the head's kernels read
