@@ -258,12 +258,11 @@ def test_compiled_logits_equal_reference(exported, tapped):
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("exported", list(EMBEDDING_STORAGE), indirect=True)
 def test_embedding_is_stored_once_and_no_wider_than_exact(exported, request):
     """The module stores the embedding as `EMBEDDING_STORAGE` says (the logits test above shows its rows are
     right): no float table when the INT8 head's codes reproduce it, 16 bits when exact, else float32."""
     case = request.node.callspec.params["exported"]
-    if case not in EMBEDDING_STORAGE:
-        pytest.skip("this case's embedding is not prepared")
     _, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
     specs = dict(zip(manifest["weights"], manifest["weight_specs"]))
@@ -276,11 +275,10 @@ def test_embedding_is_stored_once_and_no_wider_than_exact(exported, request):
         assert "lm_head.wpack" in specs  # the codes it reads instead
 
 
-def test_manifest_counts_the_weight_bytes_a_decode_step_reads(exported, request):
+@pytest.mark.parametrize("exported", ["llama", "opt"], indirect=True)
+def test_manifest_counts_the_weight_bytes_a_decode_step_reads(exported):
     """decode_weight_bytes (what `agile-tvm bench` turns into GB/s) is every stored weight except the tables
     decode only gathers rows from (RoPE, a float embedding) and the integer-scale tables only prefill reads."""
-    if request.node.callspec.params["exported"] not in ("llama", "opt"):
-        pytest.skip("one LLaMA and one OPT module suffice")
     _, out = exported
     manifest = json.loads((out / "manifest.json").read_text())
     prefill_only = (".ct", ".dt", ".zc", ".srow")
