@@ -31,6 +31,8 @@ def main() -> int:
     p.add_argument("--target", default="host")
     p.add_argument("--tokens", default="128,512,2048")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-depth", type=int, default=128,
+                   help="tokens in the KV cache before decode is timed (llama-bench -d); attention grows with it")
     p.add_argument("--peers", default="torch,torch-int8,llama.cpp")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=5,
@@ -46,12 +48,14 @@ def main() -> int:
         for ckpt in args.ckpts:
             out = Path(args.work) / Path(ckpt).name
             if not (out / "manifest.json").exists():
-                export(ckpt, args.target, out, max_seq_len=max(tokens) + args.decode_tokens + 8)
+                export(ckpt, args.target, out,
+                       max_seq_len=max(max(tokens), args.decode_depth) + args.decode_tokens + 8)
             modules.append(str(out))
         if not modules:
             raise UserError("nothing to time: give --ckpts or --modules")
         peers = [x for x in args.peers.split(",") if x.strip()]
-        run_bench(modules, tokens, args.decode_tokens, peers, args.model, args.rounds, args.output)
+        run_bench(modules, tokens, args.decode_tokens, peers, args.model, args.rounds, args.output,
+                  decode_depth=args.decode_depth)
     except UserError as err:
         print(f"bench_e2e: error: {err}", file=sys.stderr)
         return 2

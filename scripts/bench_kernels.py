@@ -9,8 +9,8 @@ M = 1 uses the GEMV (decode) variant of each TVM kernel (``m=1``).
 "W4A8" has per-channel weights; "W4A8 g32" groups of 32 (checkpoint v1: integer zero points, one activation scale);
 "W4A8 g32 v2" the v2 default (groups of 32 with float offsets wmin, per-token activation scales: ``act="token"``,
 ``has_wmin=True``); "W4A8 g32 intscale" the v2 GEMM on the power-of-two scale grid that agileq8's prefill runs
-(kernels/int_scales.py, x86, M > 1 only). The TVM kernels time the linear only: activation quantization is its own kernel (timed as
-``act-quant`` and, v2 per token with group sums of 32, ``act-quant token``; N = K).
+(kernels/int_scales.py, x86, M > 1 only). The TVM kernels time the linear only: activation quantization is its own
+kernel (timed as ``act-quant`` and, v2 per token with group sums of 32, ``act-quant token``; N = K).
 
     .venv/bin/python scripts/bench_kernels.py                 # full grid, host target, 2 threads, wall time
     .venv/bin/python scripts/bench_kernels.py --quick         # fewer repeats

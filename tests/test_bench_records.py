@@ -128,3 +128,20 @@ def test_module_is_current_reads_the_manifest_code(tmp_path):
     assert not module_is_current(tmp_path)
     (tmp_path / "manifest.json").write_text("{cut")
     assert not module_is_current(tmp_path)
+
+
+def test_decode_depth_reaches_every_engine(fake_llama_bench, monkeypatch):
+    """--decode-depth: torch prefills that many tokens before timing decode, llama-bench gets it as -d, and a
+    depth below 1 is refused before anything loads."""
+    seen = []
+    monkeypatch.setattr(bench, "_torch_decode_rate",
+                        lambda model, ids, steps: seen.append(("torch", ids.shape[1])) or 1.0)
+    monkeypatch.setattr(llama_cpp, "decode_tok_s",
+                        lambda b, g, n, depth, threads: seen.append(("llama.cpp", depth)) or 1.0)
+    bench.torch_engine("torch", tiny_model("llama").model, [8], 3, 1.0, "tiny-llama", depth=5).decode()
+    engines = bench.llama_cpp_engines([8], 4, quants=("Q4_1",), depth=7)
+    assert len(engines) == 1
+    engines[0].decode()
+    assert seen == [("torch", 5), ("llama.cpp", 7)]
+    with pytest.raises(UserError, match="--decode-depth must be at least 1"):
+        bench.run_bench([], [8], 4, ["torch"], "smollm2-135m", 1, "unused.json", decode_depth=0)

@@ -35,6 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--modules", nargs="+", required=True, help="exported module folders to time")
     p.add_argument("--tokens", default="128,512,2048", help="prefill lengths")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-depth", type=int, default=128,
+                   help="tokens in the KV cache before decode is timed (llama-bench -d); attention grows with it")
     p.add_argument("--peers", default="torch,torch-int8,llama.cpp", help="peer engines to time in the same run")
     p.add_argument("--model", default="smollm2-135m", help="model spec for the peers (agile_tvm.models.load_model)")
     p.add_argument("--rounds", "--repeat", dest="rounds", type=int, default=5,
@@ -112,5 +114,6 @@ def _bench(args) -> int:
 
     tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     peers = [p for p in args.peers.split(",") if p.strip()]
-    run_bench(args.modules, tokens, args.decode_tokens, peers, args.model, args.rounds, args.output)
+    run_bench(args.modules, tokens, args.decode_tokens, peers, args.model, args.rounds, args.output,
+              decode_depth=args.decode_depth)
     return 0

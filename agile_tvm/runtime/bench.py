@@ -8,8 +8,8 @@ record holds the median over rounds (and the per-round values). Record per (engi
 (and for agile-tvm modules "decode_weight_mb", the weight bytes one decode step reads in full, and
 "decode_weight_gb_s", those bytes times the decode rate: how close decode gets to the memory bandwidth).
 Prefill = a fresh KV cache and a prompt of `tokens` tokens up to the last token's logits (what generation needs);
-decode = tokens/s of greedy steps after a 128-token prompt (listed with the shortest prompt's record; llama.cpp:
-`llama-bench -n N -d 128`, the same depth).
+decode = tokens/s of greedy steps after a 128-token prompt (`decode_depth`, --decode-depth; listed with the shortest
+prompt's record; llama.cpp: `llama-bench -n N -d <depth>`, the same depth).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class Engine:
 DECODE_DEPTH = 128
 
 
-def tvm_engine(out_dir, tokens: list[int], decode_tokens: int) -> Engine:
+def tvm_engine(out_dir, tokens: list[int], decode_tokens: int, depth: int = DECODE_DEPTH) -> Engine:
     from agile_tvm.runtime import load_module
 
     lm = load_module(out_dir)
@@ -64,9 +64,9 @@ def tvm_engine(out_dir, tokens: list[int], decode_tokens: int) -> Engine:
     fits = [n for n in tokens if n <= lm.max_seq_len]
     for n in sorted(set(tokens) - set(fits)):
         print(f"  tvm {config}: skip {n} tokens (compiled maximum {lm.max_seq_len})")
-    if DECODE_DEPTH + decode_tokens + 1 > lm.max_seq_len:
-        raise UserError(f"{out_dir}: compiled for {lm.max_seq_len} tokens, decode timing needs "
-                        f"{DECODE_DEPTH + decode_tokens + 1}: re-export with a larger --max-seq-len")
+    if depth + decode_tokens + 1 > lm.max_seq_len:
+        raise UserError(f"{out_dir}: compiled for {lm.max_seq_len} tokens, decode timing at depth {depth} needs "
+                        f"{depth + decode_tokens + 1}: re-export with a larger --max-seq-len or lower --decode-depth")
 
     def prefill(n):
         ids = _prompt(n, lm.vocab_size)
@@ -75,7 +75,7 @@ def tvm_engine(out_dir, tokens: list[int], decode_tokens: int) -> Engine:
         return (time.perf_counter() - t0) * 1e3
 
     return Engine(f"tvm {config}", base, prefill,
-                  lambda: tvm_decode_rate(lm, _prompt(DECODE_DEPTH, lm.vocab_size), decode_tokens), fits)
+                  lambda: tvm_decode_rate(lm, _prompt(depth, lm.vocab_size), decode_tokens), fits)
 
 
 def tvm_decode_rate(lm, ids, steps: int) -> float:
@@ -91,7 +91,7 @@ def tvm_decode_rate(lm, ids, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def torch_engine(impl: str, model, tokens, decode_tokens, size_mb, model_name) -> Engine:
+def torch_engine(impl: str, model, tokens, decode_tokens, size_mb, model_name, depth: int = DECODE_DEPTH) -> Engine:
     import torch
 
     vocab = model.config.vocab_size
@@ -106,7 +106,7 @@ def torch_engine(impl: str, model, tokens, decode_tokens, size_mb, model_name) -
             return (time.perf_counter() - t0) * 1e3
 
     return Engine(impl, base, prefill,
-                  lambda: _torch_decode_rate(model, torch.as_tensor(_prompt(DECODE_DEPTH, vocab)), decode_tokens),
+                  lambda: _torch_decode_rate(model, torch.as_tensor(_prompt(depth, vocab)), decode_tokens),
                   list(tokens))
 
 
@@ -138,7 +138,7 @@ def _state_mb(model) -> float:
     return buf.tell() / 1e6
 
 
-def torch_engines(model_spec: str, tokens, decode_tokens, which: list[str]) -> list[Engine]:
+def torch_engines(model_spec: str, tokens, decode_tokens, which: list[str], depth: int = DECODE_DEPTH) -> list[Engine]:
     import torch
 
     from agile_tvm.models import load_model
@@ -148,14 +148,15 @@ def torch_engines(model_spec: str, tokens, decode_tokens, which: list[str]) -> l
     model = loaded.model.eval()
     engines = []
     if "torch" in which:
-        engines.append(torch_engine("torch", model, tokens, decode_tokens, _state_mb(model), loaded.name))
+        engines.append(torch_engine("torch", model, tokens, decode_tokens, _state_mb(model), loaded.name, depth))
     if "torch-int8" in which:
         qmodel = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
-        engines.append(torch_engine("torch-int8", qmodel, tokens, decode_tokens, _state_mb(qmodel), loaded.name))
+        engines.append(torch_engine("torch-int8", qmodel, tokens, decode_tokens, _state_mb(qmodel), loaded.name,
+                                    depth))
     return engines
 
 
-def llama_cpp_engines(tokens, decode_tokens, quants=LLAMA_CPP_QUANTS) -> list[Engine]:
+def llama_cpp_engines(tokens, decode_tokens, quants=LLAMA_CPP_QUANTS, depth: int = DECODE_DEPTH) -> list[Engine]:
     """llama.cpp's own benchmark tool on the shipped SmolLM2 Q4_1 GGUF and its re-quantizations (F32 and Q8_0 from
     the Q4_1 weights: the same compute as a real F32/Q8_0 model); [] with a note when llama.cpp is not built
     (`scripts/setup-llamacpp`)."""
@@ -172,7 +173,7 @@ def llama_cpp_engines(tokens, decode_tokens, quants=LLAMA_CPP_QUANTS) -> list[En
                 "size_mb": round(gguf.stat().st_size / 1e6, 2)}
         engines.append(Engine(f"llama.cpp {quant}", base,
                               lambda n, g=gguf: llama_cpp.prefill_ms(binaries, g, n, THREADS),
-                              lambda g=gguf: llama_cpp.decode_tok_s(binaries, g, decode_tokens, DECODE_DEPTH, THREADS),
+                              lambda g=gguf: llama_cpp.decode_tok_s(binaries, g, decode_tokens, depth, THREADS),
                               list(tokens)))
     return engines
 
@@ -209,23 +210,30 @@ def run_rounds(engines: list[Engine], rounds: int, warmup: bool = True) -> list[
     return records
 
 
-def run_bench(modules, tokens, decode_tokens, peers, model_spec, rounds, output) -> list[dict]:
+def run_bench(modules, tokens, decode_tokens, peers, model_spec, rounds, output,
+              decode_depth: int = DECODE_DEPTH) -> list[dict]:
     if os.environ.get("TVM_NUM_THREADS") not in (None, str(THREADS)):
         print(f"note: TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} (the table is meant for {THREADS})")
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     unknown = set(peers) - {"torch", "torch-int8", "llama.cpp"}
     if unknown:
         raise UserError(f"unknown peer(s) {', '.join(sorted(unknown))}: choose from torch, torch-int8, llama.cpp")
-    engines = torch_engines(model_spec, tokens, decode_tokens, [p for p in peers if p.startswith("torch")])
+    if decode_depth < 1:
+        raise UserError(f"--decode-depth must be at least 1 (tokens in the cache before decode is timed), got "
+                        f"{decode_depth}")
+    engines = torch_engines(model_spec, tokens, decode_tokens, [p for p in peers if p.startswith("torch")],
+                            decode_depth)
     if "llama.cpp" in peers:
-        engines += llama_cpp_engines(tokens, decode_tokens)
-    tvms = [tvm_engine(m, tokens, decode_tokens) for m in modules]
+        engines += llama_cpp_engines(tokens, decode_tokens, depth=decode_depth)
+    tvms = [tvm_engine(m, tokens, decode_tokens, decode_depth) for m in modules]
     for e in tvms:  # two modules of one scheme (e.g. another scale grid): tell them apart by their folder
         if sum(o.label == e.label for o in tvms) > 1:
             e.base["config"] += f" ({Path(e.base['module']).name})"
     for e in tvms:
         e.label = f"tvm {e.base['config']}"
     engines += tvms
+    for e in engines:
+        e.base["decode_depth"] = decode_depth
     print(f"{len(engines)} engines, {rounds} interleaved rounds: " + ", ".join(e.label for e in engines), flush=True)
     records = run_rounds(engines, rounds)
     out = Path(output)
