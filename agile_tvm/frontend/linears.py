@@ -424,16 +424,8 @@ class LinearEmitter:
             return None
         table = self.ckpt.tensor(embed_name)
         q = self.ckpt.tensor(HEAD + ".qweight")
-        if q.shape != table.shape:
+        if q.shape != table.shape or not np.array_equal(dequantized_weight(self.ckpt, HEAD), table):
             return None
-        per_group = q.shape[1] // spec.groups
-        wzero, wscale = self.ckpt.tensor(HEAD + ".wzero"), np.asarray(self.ckpt.tensor(HEAD + ".wscale"), np.float32)
-        for r in range(0, q.shape[0], 4096):  # row blocks: a 7B model's head would need GBs of temporaries at once
-            rows = slice(r, r + 4096)
-            wz = np.repeat(wzero[rows].astype(np.int32), per_group, axis=1)
-            scale = np.repeat(wscale[rows], per_group, axis=1)
-            if not np.array_equal((q[rows].astype(np.int32) - wz).astype(np.float32) * scale, table[rows]):
-                return None
         k = q.shape[1]
         wfmt = self._weight_format(spec, k)
         self._pack_linear(spec, wfmt, self._compact([spec], wfmt))  # the arrays the head's kernels read
