@@ -230,6 +230,52 @@ def test_zero_in_dot_gemv_equals_the_row_sum_gemv(compact, Ns):
 
 
 @needs_avx2
+@pytest.mark.parametrize("Ns", [[40], [48, 16, 20]])
+def test_grid_gemv_equals_the_float_table_gemv(Ns):
+    # weights on a power-of-two row grid (wscale = c 2^e, wmin = d 2^e, `int_scales.grid_codes`): the decode GEMV
+    # reading the codes (c8, d16, srow: the integer-scale GEMM's tables) computes the same floats as the one reading
+    # float16 tables, so the outputs agree bit for bit; codes at both ends of their ranges, exponents per row
+    from agile_tvm.kernels import int_scales
+
+    rng = np.random.default_rng(23)
+    K, gs = 128, 32
+    G = K // gs
+    parts = []
+    for N in Ns:
+        q = rng.integers(-8, 8, (N, K))
+        c = rng.integers(0, 256, (N, G)).astype(np.uint8)
+        d = rng.integers(-2047, 2048, (N, G)).astype(np.int16)
+        c[0], d[0], d[-1] = 255, -2047, 2047
+        e = rng.integers(-20, -12, N).astype(np.int32)
+        assert int_scales.grid_codes(np.ldexp(c, e[:, None]), np.ldexp(d, e[:, None])) is not None
+        tile = (lambda t: layout.tile_tables(t, TARGET, 4, "nibble"))  # noqa: E731
+        packed = layout.pack_w4a8_weights(reference.pack_int4(q), np.zeros((N, G), np.int8), TARGET, wfmt="nibble")
+        parts.append(dict(wpack=packed["wpack"], **int_scales.pack_tables(q, c, d, e, TARGET),
+                          ws=tile(np.ldexp(c, e[:, None]).astype(np.float16)),
+                          wm=tile(np.ldexp(d, e[:, None]).astype(np.float16))))
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in ("wpack", "c8", "d16", "srow", "ws", "wm")}
+    npads = [-(-N // 8) * 8 for N in Ns]
+    outs = tuple(zip(np.cumsum([0] + npads)[:-1].tolist(), Ns)) if len(Ns) > 1 else None
+    n = sum(npads) if outs else Ns[0]
+    kw = dict(group_size=gs, act="token", has_wmin=True, wfmt="nibble", tables="tiled", m=1, x_float=True,
+              zero_in_dot=True, **({"outs": outs} if outs else {}))
+    floats = _make("w4a8", n, K, compact=True, **kw)
+    grid = _make("w4a8", n, K, grid=True, **kw)
+    for seed in range(4):
+        x = (rng.standard_normal((1, K)) * 4).astype(np.float32)
+        shift = rng.integers(0, 3, K).astype(np.uint8)
+        ys = [np.zeros((1, N), np.float32) for N in Ns]
+        idx = lambda first: tuple(range(first, first + len(Ns))) if outs else first  # noqa: E731
+        want = run(floats, [x, shift, cat["wpack"], cat["ws"], cat["wm"], *ys], idx(5))
+        got = run(grid, [x, shift, cat["wpack"], cat["c8"], cat["d16"], cat["srow"], *ys], idx(6))
+        for g, w in zip(got if outs else [got], want if outs else [want]):
+            assert np.abs(w).max() > 0
+            np.testing.assert_array_equal(g, w, err_msg=f"seed={seed}")
+    with pytest.raises(UserError, match="grid"):
+        _make("w4a8", 16, 64, act="token", has_wmin=True, wfmt="nibble", tables="tiled", m=1, grid=True)
+
+
+@needs_avx2
 def test_zero_in_dot_option_errors():
     with pytest.raises(UserError, match="zero_in_dot"):
         _make("w4a8", 16, 64, act="token", has_wmin=True, wfmt="nibble", zero_in_dot=True)  # not a GEMV

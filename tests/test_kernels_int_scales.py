@@ -50,7 +50,7 @@ def _case(N, K, M, *, gs=32, extreme=False, bias=False, n_offset=0, n_total=None
     want = int_scales.reference(xq, zp, s, xsum, q[sl], c2[sl], d2[sl], e2[sl], b[sl] if bias else None)
     w64 = (np.repeat(wscale[sl].astype(np.float64), gs, 1) * q[sl] + np.repeat(wmin[sl].astype(np.float64), gs, 1))
     v2 = s[:, None] * ((xq.astype(np.float64) - zp[:, None]) @ w64.T) + (b[sl] if bias else 0)
-    args = [xq, wpack, tables["ct"], tables["dt"], tables["zc"], tables["srow"], s, zp, xsum]
+    args = [xq, wpack, tables["c8"], tables["d16"], tables["zc"], tables["srow"], s, zp, xsum]
     return args + ([b] if bias else []) + [np.zeros((M, N), np.float32)], want, v2
 
 

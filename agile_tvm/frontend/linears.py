@@ -50,11 +50,11 @@ class LinearEmitter:
         for p in prefixes:
             self.tap(p + ":in", x)
         if self._decode_m():
-            zid = self._zero_in_dot(specs, k)
+            gemv = self._gemv_tables(specs, k, fused["name"])
             gv = self._linear_kernel(specs[0], k, fused["n_total"], name=fused["name"], fused_specs=specs,
-                                     outs=fused["outs"], x_float=True, **({"zero_in_dot": True} if zid else {}))
+                                     outs=fused["outs"], x_float=True, **gemv)
             args = [x, self.w(specs[0].prefix + ".act_shift", self._act_shift(specs[0].prefix, k))]
-            args += self._weight_args(fused["name"], specs[0], wsum=not zid)
+            args += self._weight_args(fused["name"], specs[0], **gemv)
             out = self.emit(relax.call_tir(gv, args, [relax.TensorType([1, n], "float32") for n in n_outs]))
             return [self.emit(relax.TupleGetItem(out, j)) for j in range(len(n_outs))]
         xq, scale, zero, xsum = self.quantize_act_token(x, specs[0], k)
@@ -92,9 +92,9 @@ class LinearEmitter:
         p = spec.prefix
         self.tap(p + ":in", x)
         if spec.act == "token" and self._decode_m():
-            zid = self._zero_in_dot([spec], k)
-            gv = self._linear_kernel(spec, k, n_out, x_float=True, **({"zero_in_dot": True} if zid else {}))
-            args = [x, self.w(p + ".act_shift", self._act_shift(p, k)), *self._weight_args(p, spec, wsum=not zid)]
+            gemv = self._gemv_tables([spec], k, p)
+            gv = self._linear_kernel(spec, k, n_out, x_float=True, **gemv)
+            args = [x, self.w(p + ".act_shift", self._act_shift(p, k)), *self._weight_args(p, spec, **gemv)]
             return self.emit(relax.call_tir(gv, args, relax.TensorType([1, n_out], "float32")))
         if spec.act == "token" and self._int_scale_grid([spec], k):
             wfmt = self._weight_format(spec, k)
@@ -123,12 +123,11 @@ class LinearEmitter:
         """Whether prefill runs `specs` on the integer-scale GEMM (``kernels/int_scales.py``): 4-bit nibble weights
         with float offsets whose scales and offsets lie on a power-of-two row grid (checkpoints quantized with
         ``--scale-grid pow2``), per-token activations, a shape the kernel chunks. Bit for bit the same weights as
-        the float tables; the GEMM then sums a row's groups in integers instead of converting every group."""
+        the float tables; the GEMM then sums a row's groups in integers instead of converting every group. Decode
+        then reads the same grid codes (`_gemv_tables`)."""
         from agile_tvm.kernels.int_scales import applicable
         from agile_tvm.targets import isa_of
 
-        if self._decode_m():
-            return False
         ok = all(s.w_bits == 4 and s.act == "token" and s.float_zero and self._weight_format(s, k) == "nibble"
                  and applicable(isa_of(self.target), k, k // s.groups) for s in specs)
         return ok and all(bool(np.all(self.ckpt.tensor(s.prefix + ".wzero") == 0)) and self._grid_codes(s) is not None
@@ -139,7 +138,7 @@ class LinearEmitter:
         from agile_tvm.kernels.int_scales import pack_tables
         from agile_tvm.kernels.reference import unpack_int4
 
-        if name + ".ct" in self.weights.arrays:
+        if name + ".c8" in self.weights.arrays:
             return
         parts = [pack_tables(unpack_int4(self.ckpt.tensor(s.prefix + ".qweight")), *self._grid_codes(s), self.target)
                  for s in specs]
@@ -157,18 +156,36 @@ class LinearEmitter:
                                          has_bias=spec.has_bias, n_offset=n_offset, n_total=n_total)
             self.tir(key, func.without_attr("global_symbol").with_attr("agile_tvm.schedule", self._hand_mark()))
         xq, scale, zero, xsum = act
-        tables = [self.w(f"{name}.{t}") for t in ("ct", "dt", "zc", "srow")]
+        tables = [self.w(f"{name}.{t}") for t in ("c8", "d16", "zc", "srow")]
         args = [xq, self.w(name + ".wpack"), *tables, scale, zero, xsum]
         args += [self.w(name + ".bias")] if spec.has_bias else []
         return self.emit(relax.call_tir(self._funcs[key], args, relax.TensorType([self.n, n_out], "float32")))
 
-    def _weight_args(self, name: str, spec: LinearSpec, act_args=(), wsum: bool = True) -> list:
-        """(wpack, [wsum], wscale, [wmin], *act_args, [bias]) of linear (or fused linears) `name`; `wsum=False`
-        for a GEMV with the zero point inside its dot (`_zero_in_dot`)."""
-        args = [self.w(name + ".wpack")] + ([self.w(name + ".wsum")] if wsum else []) \
-            + [self.w(name + ".wscale" + TILED)]
-        args += [self.w(name + ".wmin" + TILED)] if spec.float_zero else []
+    def _weight_args(self, name: str, spec: LinearSpec, act_args=(), zero_in_dot: bool = False,
+                     grid: bool = False) -> list:
+        """(wpack, [wsum], wscale, [wmin], *act_args, [bias]) of linear (or fused linears) `name`; no wsum for a
+        GEMV with the zero point inside its dot (`_zero_in_dot`); (wpack, c8, d16, srow, ...) for one reading the
+        integer-scale GEMM's grid codes instead of float tables (`_gemv_tables`)."""
+        if grid:
+            args = [self.w(f"{name}.{t}") for t in ("wpack", "c8", "d16", "srow")]
+        else:
+            args = [self.w(name + ".wpack")] + ([] if zero_in_dot else [self.w(name + ".wsum")]) \
+                + [self.w(name + ".wscale" + TILED)]
+            args += [self.w(name + ".wmin" + TILED)] if spec.float_zero else []
         return args + list(act_args) + ([self.w(name + ".bias")] if spec.has_bias else [])
+
+    def _gemv_tables(self, specs: list[LinearSpec], k: int, name: str) -> dict:
+        """The decode GEMV's table options for `specs` (weights under `name`): ``zero_in_dot`` when it needs no
+        row sums (`_zero_in_dot`), and ``grid`` when prefill runs them on the integer-scale GEMM, whose grid codes
+        (c u8 and d i16 per group, 2^e per row) then serve decode too: the same floats as the float16 tables (so
+        the same logits bit for bit), 3 bytes per group read instead of 4, and the float16 tables leave the
+        module (no function reads them)."""
+        if not self._zero_in_dot(specs, k):
+            return {}
+        if not self._int_scale_grid(specs, k):
+            return {"zero_in_dot": True}
+        self._pack_int_scales(specs, k, name)
+        return {"zero_in_dot": True, "grid": True}
 
     def _decode_m(self):
         """m=1 when emitting the decode function (static one-token shapes get the kernels' GEMV schedules)."""

@@ -266,6 +266,26 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
     I64 = T.int64
 
     @T.macro
+    def numerators(sc, rmax, rsum, e, anyw, wi, p, b, limit, masked):
+        for r in T.serial(I64(group)):
+            for c in T.unroll(I64(kb // lanes)):
+                for l in T.vectorized(I64(lanes)):
+                    if masked:
+                        e[l] = T.Select(b * kb + c * lanes + l < limit, _exp_nonpositive(
+                            sc[p * group + r, b * kb + c * lanes + l] - rmax[p * group + r, 0]), T.float32(0))
+                    else:
+                        e[l] = _exp_nonpositive(sc[p * group + r, b * kb + c * lanes + l] - rmax[p * group + r, 0])
+                    rsum[p * group + r, l] = rsum[p * group + r, l] + e[l]
+                    if quant:
+                        sc[p * group + r, b * kb + c * lanes + l] = _log2_weight(e[l], top)
+                        if iav:
+                            wi[p * group + r, b * kb + c * lanes + l] = _int_av_weight(
+                                sc[p * group + r, b * kb + c * lanes + l], top, "int16")
+                    else:
+                        sc[p * group + r, b * kb + c * lanes + l] = e[l]
+                    anyw[l] = T.max(anyw[l], sc[p * group + r, b * kb + c * lanes + l])
+
+    @T.macro
     def body(Q, K, V, SC, SL, KP, O, P0, n, m):
         # float32 copies of K (transposed) and V, zero-padded by one key block; a stub when reading K/V directly
         KT = T.decl_buffer((kv_heads, head_dim, T.int64(1) if idot else T.Select(n <= direct_max, T.int64(1), m + kb)),
@@ -396,23 +416,10 @@ def attention_blocked(heads: int, kv_heads: int, head_dim: int, kv_dtype: str, s
                 for b in T.serial((m - n + i0 + p + kb) // kb):
                     for l in T.vectorized(I64(lanes)):
                         anyw[l] = T.float32(0)
-                    for r in T.serial(I64(group)):
-                        for c in T.unroll(I64(kb // lanes)):
-                            for l in T.vectorized(I64(lanes)):
-                                e[l] = T.Select(
-                                    b * kb + c * lanes + l < m - n + i0 + p + 1,
-                                    _exp_nonpositive(
-                                        sc[p * group + r, b * kb + c * lanes + l] - rmax[p * group + r, 0]),
-                                    T.float32(0))
-                                rsum[p * group + r, l] = rsum[p * group + r, l] + e[l]
-                                if quant:
-                                    sc[p * group + r, b * kb + c * lanes + l] = _log2_weight(e[l], top)
-                                    if iav:
-                                        wi[p * group + r, b * kb + c * lanes + l] = _int_av_weight(
-                                            sc[p * group + r, b * kb + c * lanes + l], top, "int16")
-                                else:
-                                    sc[p * group + r, b * kb + c * lanes + l] = e[l]
-                                anyw[l] = T.max(anyw[l], sc[p * group + r, b * kb + c * lanes + l])
+                    if (b + 1) * kb <= m - n + i0 + p + 1:  # every key of the block is causal: no mask
+                        numerators(sc, rmax, rsum, e, anyw, wi, p, b, m - n + i0 + p + 1, False)
+                    else:
+                        numerators(sc, rmax, rsum, e, anyw, wi, p, b, m - n + i0 + p + 1, True)
                     for l in T.vectorized(I64(4)):
                         anyw[l] = T.max(anyw[l], anyw[l + 4])
                     flag[p, b] = T.max(T.max(anyw[0], anyw[1]), T.max(anyw[2], anyw[3]))

@@ -236,6 +236,6 @@ def int_scale_case(N, K, M, target, *, group_size=32, seed=0):
     xsum = (xq.astype(np.int64) - zp[:, None]).reshape(M, G, group_size).sum(-1).astype(np.int32)
     tabs = int_scales.pack_tables(q, c, d, e, target)
     wpack = layout._pack_nibbles(q, np.zeros((N, G), np.int8), layout._isa(target))["wpack"]
-    args = [xq, wpack, tabs["ct"], tabs["dt"], tabs["zc"], tabs["srow"], s, zp, xsum, np.zeros((M, N), np.float32)]
+    args = [xq, wpack, tabs["c8"], tabs["d16"], tabs["zc"], tabs["srow"], s, zp, xsum, np.zeros((M, N), np.float32)]
     codes = dict(q=q, c=c, d=d, e=e, xq=xq, zp=zp, s=s, xsum=xsum, wpack=wpack)
     return args, len(args) - 1, int_scales.reference(xq, zp, s, xsum, q, c, d, e), codes

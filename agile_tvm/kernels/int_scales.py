@@ -12,7 +12,7 @@ the row's sum over groups is one integer:
     V[m, n] = sum_g (c[n, g] * acc[m, n, g] + d[n, g] * xsum[m, g])          y[m, n] = s_m * 2^e_n * V + bias[n]
 
 ``c`` becomes the multiplier of the ``vpmaddwd`` that already widens the int16 pair sums (c instead of 1: no extra
-instruction), ``d * xsum`` is one ``vpmaddwd`` per pair of groups, and the zero-point term -zp_m * sum_g c * sum q
+instruction; the kernel widens a panel's uint8 codes to that int16 pair once, before its rows), ``d * xsum`` is one ``vpmaddwd`` per pair of groups, and the zero-point term -zp_m * sum_g c * sum q
 one multiply per row and tile; the float conversion runs once per row, tile and K chunk instead of once per group.
 The weights are the same real numbers as the float tables (2^e * c is exact in float32), so this computes the
 contract's v2 linear; it rounds once per chunk where the float-epilogue kernel rounds once per group.
@@ -82,8 +82,8 @@ def applicable(isa: str, K: int, gs: int) -> bool:
 
 def pack_tables(q, c, d, e, target) -> dict[str, np.ndarray]:
     """The kernel's tables from the signed codes q [N, K] and ``grid_codes``, tile-major over n (padded):
-    ct i32 [N/nb, G, nb] (c * 65537: c in both int16 halves, the vpmaddwd multiplier pair), dt i16
-    [N/nb, G/2, nb, 2] (d of two groups), zc i32 [N/nb, nch, nb] (sum over a chunk's groups of c * sum q),
+    c8 u8 [N/nb, G, nb] (the scale codes; the decode GEMV reads them too, `kernels.linear` ``grid``), d16 i16
+    [N/nb, G, nb] (the offset codes, also read by the GEMV), zc i32 [N/nb, nch, nb] (sum over a chunk's groups of c * sum q),
     srow f32 [N/nb, nb] (2^e)."""
     q = np.asarray(q, np.int64)
     N, K = q.shape
@@ -98,13 +98,12 @@ def pack_tables(q, c, d, e, target) -> dict[str, np.ndarray]:
     def tiles(a):  # [N, ...] -> [n_pad / nb, ..., nb], zero-padded: the kernels' tiled tables
         return layout.tile_tables(a, target, 4, "nibble")
 
-    dt = np.swapaxes(tiles(d.astype(np.int16).reshape(N, G // 2, 2)), -1, -2)  # [N/nb, G/2, nb, 2]
-    return {"ct": tiles((c64 * 65537).astype(np.int32)), "dt": np.ascontiguousarray(dt),
+    return {"c8": tiles(c.astype(np.uint8)), "d16": tiles(d.astype(np.int16)),
             "zc": tiles(zc.astype(np.int32)), "srow": tiles(np.ldexp(np.ones(N), e).astype(np.float32))}
 
 
 def int_scale_tensors(N: int, K: int, isa: str, gs: int, *, has_bias=False, n_offset=0, n_total=None, name="lin"):
-    """TE of the GEMM (symbolic M): (args, info). Arguments: (xq u8[M, K], wpack (nibble layout), ct, dt, zc, srow
+    """TE of the GEMM (symbolic M): (args, info). Arguments: (xq u8[M, K], wpack (nibble layout), c8, d16, zc, srow
     (``pack_tables``; of n_total channels, the kernel reads [n_offset, n_offset + N)), act_scale f32[M], act_zero
     i32[M], xsum i32[M, G], [bias f32[n_total or N]], y f32[M, N])."""
     if not applicable(isa, K, gs):
@@ -122,8 +121,12 @@ def int_scale_tensors(N: int, K: int, isa: str, gs: int, *, has_bias=False, n_of
     M = _m_var(None)
     xq = te.placeholder((M, K), "uint8", name="xq")
     wpack = te.placeholder((n_all // nb, K // 16, 8 * nb), "uint8", name="wpack")
-    ct = te.placeholder((n_all // nb, G, nb), "int32", name="ct")
-    dt = te.placeholder((n_all // nb, G // 2, nb, 2), "int16", name="dt")
+    c8 = te.placeholder((n_all // nb, G, nb), "uint8", name="c8")
+    # c in both int16 halves (c * 65537), the vpmaddwd multiplier pair: widened once per panel, before its rows
+    ct = te.compute((n_pad // nb, G, nb), lambda t, g, l: c8[t0 + t, g, l].astype("int32") * 65537, name="ct")
+    d16 = te.placeholder((n_all // nb, G, nb), "int16", name="d16")
+    # d of two groups side by side, the pmaddwd operand pair with xsum's: arranged once per panel, before its rows
+    dt = te.compute((n_pad // nb, G // 2, nb, 2), lambda t, gp, l, e2: d16[t0 + t, gp * 2 + e2, l], name="dt")
     zc = te.placeholder((n_all // nb, nch, nb), "int32", name="zc")
     srow = te.placeholder((n_all // nb, nb), F32, name="srow")
     s = te.placeholder((M,), F32, name="act_scale")
@@ -140,12 +143,12 @@ def int_scale_tensors(N: int, K: int, isa: str, gs: int, *, has_bias=False, n_of
     acc = te.compute((nch, M, n_pad), lambda h, i, n: te.sum(
         xq[i, (h * Gc + g) * gs + k].astype("int32")
         * wdec[n // nb, ((h * Gc + g) * gs + k) // 4, n % nb, k % 4].astype("int32")
-        * ct[t0 + n // nb, h * Gc + g, n % nb].astype("int16").astype("int32"), axis=[g, k]), name="acc")
+        * ct[n // nb, h * Gc + g, n % nb].astype("int16").astype("int32"), axis=[g, k]), name="acc")
     xs16 = te.compute((M, G), lambda i, j: xsum[i, j].astype("int16"), name="xs16")  # |xsum| <= gs * 255
     g2 = te.reduce_axis((0, Gc), name="g2")
     dterm = te.compute((nch, M, n_pad), lambda h, i, n: te.sum(
         xs16[i, h * Gc + g2].astype("int32")
-        * dt[t0 + n // nb, (h * Gc + g2) // 2, n % nb, g2 % 2].astype("int32"), axis=g2), name="dterm")
+        * dt[n // nb, (h * Gc + g2) // 2, n % nb, g2 % 2].astype("int32"), axis=g2), name="dterm")
     def chunk(h, i, n):  # one chunk's exact integer row sum, converted
         return (acc[h, i, n] + dterm[h, i, n] - zp[i] * zc[t0 + n // nb, h, n % nb]).astype(F32)
 
@@ -161,7 +164,7 @@ def int_scale_tensors(N: int, K: int, isa: str, gs: int, *, has_bias=False, n_of
         return v + bias[n + n_offset] if has_bias else v
 
     y = te.compute((M, N), y_of, name="y")
-    args = [xq, wpack, ct, dt, zc, srow, s, zp, xsum] + ([bias] if has_bias else []) + [y]
+    args = [xq, wpack, c8, d16, zc, srow, s, zp, xsum] + ([bias] if has_bias else []) + [y]
     info = dict(isa=isa, nb=nb, n_pad=n_pad, N=N, K=K, G=G, gs=gs, nch=nch, name=name)
     return args, info
 
@@ -198,6 +201,10 @@ def schedule_int_scale(func, info, nt: int | None = None):
     wdec = sch.get_sblock("wdec")
     sch.compute_at(wdec, ah if nch > 1 else yno)  # a chunk's (the panel's) nibbles unpacked once, before its rows
     sch.vectorize(sch.fuse(*sch.get_loops(wdec)[-2:]))
+    for table in ("ct", "dt"):
+        sch.compute_at(sch.get_sblock(table), yno)
+    sch.vectorize(sch.get_loops(sch.get_sblock("ct"))[-1])
+    sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("dt"))[-2:]))
     init = sch.decompose_reduction(acc, ag if nch == 1 else ai)
     intrin.register_all()
     sch.tensorize(ni, intrin.INT_SCALE_INTRINSICS[info["isa"]][0])

@@ -145,6 +145,22 @@ class _Tiled:
         return v if self.dtype == self.tensor.dtype else v.astype(self.dtype)
 
 
+class _GridTable:
+    """A per-(channel, group) float table given by integer grid codes times a per-channel power of two
+    (``grid``: ``code[t, g, l] * srow[t, l]`` over tiles t, groups g, lanes l), indexed [n, g] like `_Tiled`. The
+    product is exact in float32 (codes below 2^11, srow a power of two), so it equals the float table it replaces
+    bit for bit while reading 1 (scale) or 2 (offset) bytes per group instead of a float16's 2."""
+
+    def __init__(self, code, srow, nb: int, n_pad: int, groups: int, offset: int = 0):
+        self.code, self.srow, self.nb, self.tile0 = code, srow, nb, offset // nb
+        self.shape, self.dtype = (n_pad, groups), F32
+
+    def __getitem__(self, idx):
+        n, g = idx
+        t, lane = self.tile0 + n // self.nb, n % self.nb
+        return self.code[t, g, lane].astype(F32) * self.srow[t, lane]
+
+
 class _TileOffset:
     """The packed weights of channels [offset, offset + n_pad) of a longer (concatenated) weight array."""
 
@@ -289,11 +305,14 @@ def _decoded_nibble_v2(dot, wsum, wscale, wmin, ap, G, gs, n_pad):
 
 
 def _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact, zero_in_dot=False,
-                  wfmt=None, has_wmin=False):
+                  wfmt=None, has_wmin=False, grid=False):
     """Validate the options that let one kernel serve part of, or several of, linears sharing an input."""
     if zero_in_dot and (wfmt != "nibble" or m != 1 or not has_wmin):
         raise UserError('zero_in_dot is for the decode GEMV over nibble weights with float offsets: pass '
                         'wfmt="nibble", m=1, act="token", has_wmin=True')
+    if grid and (not zero_in_dot or tables != "tiled"):
+        raise UserError('grid (scale and offset codes on a power-of-two row grid) is for the zero_in_dot decode '
+                        'GEMV: pass zero_in_dot=True, tables="tiled"')
     if (n_offset or n_total or outs or compact) and tables != "tiled":
         raise UserError('slices of concatenated weights (n_offset, n_total, outs) and compact tables need '
                         'tables="tiled"')
@@ -310,7 +329,7 @@ def _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_flo
 
 def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant=False, m=None, name="linear",
                    wfmt=None, act="tensor", has_wmin=False, tables="ng", n_offset=0, n_total=None, outs=None,
-                   x_float=False, a_bits=8, compact=False, zero_in_dot=False):
+                   x_float=False, a_bits=8, compact=False, zero_in_dot=False, grid=False):
     """TE description of the quantized linear; returns (args, info) with the stage names the schedule uses.
 
     ``wfmt="nibble"`` (W4A8 on x86, group size % 16 == 0): weights stay 4-bit in memory (layout.py) and are
@@ -329,7 +348,11 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
     a GEMV reads; the caller guarantees the values are exact in 16 bits (results are then bit-identical).
     ``zero_in_dot`` (decode GEMV, nibbles, float offsets): the dot runs over xq - zp, so the kernel takes no wsum
     (a sixth of the bytes a W4 GEMV reads); the caller guarantees wzero = 0 (wsum[:, 1] == 8), then the results
-    equal the wsum kernel's bit for bit (every term is an exact integer in float32)."""
+    equal the wsum kernel's bit for bit (every term is an exact integer in float32).
+    ``grid`` (with ``zero_in_dot``): the scales and offsets come as the integer-scale GEMM's power-of-two grid
+    codes (``int_scales.pack_tables``: c8 u8, d16 i16, srow f32) instead of float tables, wscale = c * 2^e and
+    wmin = d * 2^e exactly: the same floats (results bit for bit those of the float tables) from 3 bytes per group
+    instead of float16's 4, and the tables prefill already holds."""
     check_v2_options(act, has_wmin, requant)
     gs, G = layout.check_linear_shape(N, K, group_size)
     wfmt = wfmt or layout.default_wfmt(isa, wbits)
@@ -345,7 +368,7 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
         raise UserError(f'tables must be "ng" ([N, G] as in the checkpoint) or "tiled" (layout.tile_tables), '
                         f"got {tables!r}")
     _check_fusion(N, nb, m, act, tables, requant, n_offset, n_total, outs, x_float, compact, zero_in_dot, wfmt,
-                  has_wmin)
+                  has_wmin, grid)
     n_all = n_total or n_pad  # channels held by the weight arrays
     M = _m_var(m)
     if x_float:
@@ -366,16 +389,25 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
         wpack_p = te.placeholder((n_all // nb, K // kk, nb, kk), wdt, name="wpack")
         wsum_p, wsum = _table("wsum", (n_pad, G), "int32", tables, nb, n_pad, **tab)
     wpack = _TileOffset(wpack_p, n_offset // nb) if n_offset else wpack_p
-    wscale_p, wscale = _table("wscale", (rows, G), F32, tables, nb, n_pad, **tab)
-    wmin_p, wmin = _table("wmin", (rows, G), F32, tables, nb, n_pad, **tab) if has_wmin else (None, None)
+    if grid:  # c8 u8 and d16 i16 [tiles, G, nb], srow f32 [tiles, nb]
+        c8 = te.placeholder((n_all // nb, G, nb), "uint8", name="c8")
+        d16 = te.placeholder((n_all // nb, G, nb), "int16", name="d16")
+        srow = te.placeholder((n_all // nb, nb), F32, name="srow")
+        wscale = _GridTable(c8, srow, nb, n_pad, G, n_offset)
+        wmin = _GridTable(d16, srow, nb, n_pad, G, n_offset)
+        wscale_p, wmin_p = c8, d16
+    else:
+        wscale_p, wscale = _table("wscale", (rows, G), F32, tables, nb, n_pad, **tab)
+        wmin_p, wmin = _table("wmin", (rows, G), F32, tables, nb, n_pad, **tab) if has_wmin else (None, None)
     wsum_args = [] if zero_in_dot else [wsum_p]
     if x_float:
         xsum = xsum_q if has_wmin else None
-        args = [x, act_shift, wpack_p, *wsum_args, wscale_p] + ([wmin_p] if has_wmin else [])
+        args = [x, act_shift, wpack_p, *wsum_args, wscale_p] + ([wmin_p] if has_wmin else []) \
+            + ([srow] if grid else [])
     else:
         xsum = te.placeholder((M, G), "int32", name="xsum") if has_wmin else None
-        args = [xq, wpack_p, *wsum_args, wscale_p] + ([wmin_p] if has_wmin else []) + [ap.scale, ap.zero] \
-            + ([xsum] if has_wmin else [])
+        args = [xq, wpack_p, *wsum_args, wscale_p] + ([wmin_p] if has_wmin else []) + ([srow] if grid else []) \
+            + [ap.scale, ap.zero] + ([xsum] if has_wmin else [])
 
     # No row tiling: a predicate on a ragged last row tile defeats tensorize, and a padded row tile defeats the
     # stage-pipeline analysis with a symbolic M. Register reuse comes from the n tiles instead (schedule.py).
@@ -476,11 +508,12 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
 
 
 def _fusion_suffix(n_offset=0, n_total=None, outs=None, x_float=False, a_bits=8, compact=False,
-                   zero_in_dot=False) -> str:
+                   zero_in_dot=False, grid=False) -> str:
     """The part of a kernel's name that says which slice / outputs / input form / table width it has."""
     return ((f"_of{n_offset}of{n_total}" if n_total else "") + ("_o" + "_".join(str(int(n)) for _, n in outs)
                                                                   if outs else "")
-            + (f"_xf{a_bits}" if x_float else "") + ("_c16" if compact else "") + ("_zd" if zero_in_dot else ""))
+            + (f"_xf{a_bits}" if x_float else "") + ("_c16" if compact else "") + ("_zd" if zero_in_dot else "")
+            + ("_grid" if grid else ""))
 
 
 def _linear_func(wbits, N, K, target, *, schedule=True, **options):
