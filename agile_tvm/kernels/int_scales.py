@@ -12,10 +12,11 @@ the row's sum over groups is one integer:
     V[m, n] = sum_g (c[n, g] * acc[m, n, g] + d[n, g] * xsum[m, g])          y[m, n] = s_m * 2^e_n * V + bias[n]
 
 ``c`` becomes the multiplier of the ``vpmaddwd`` that already widens the int16 pair sums (c instead of 1: no extra
-instruction; the kernel widens a panel's uint8 codes to that int16 pair once, before its rows), ``d * xsum`` is one ``vpmaddwd`` per pair of groups, and the zero-point term -zp_m * sum_g c * sum q
-one multiply per row and tile; the float conversion runs once per row, tile and K chunk instead of once per group.
-The weights are the same real numbers as the float tables (2^e * c is exact in float32), so this computes the
-contract's v2 linear; it rounds once per chunk where the float-epilogue kernel rounds once per group.
+instruction; the kernel widens a panel's uint8 codes to that int16 pair once, before its rows), ``d * xsum`` is one
+``vpmaddwd`` per pair of groups, and the zero-point term -zp_m * sum_g c * sum q one multiply per row and tile;
+the float conversion runs once per row, tile and K chunk instead of once per group. The weights are the same real
+numbers as the float tables (2^e * c is exact in float32), so this computes the contract's v2 linear; it rounds
+once per chunk where the float-epilogue kernel rounds once per group.
 
 Exact in int32: per chunk of kc k, |sum xq * c * q| and |zp * sum c * q| <= kc * 255 * 8 * 255 and
 |sum d * xsum| <= kc * 255 * 2047, so every partial sum stays below 2^31 for kc <= 1374 (``MAX_CHUNK_K`` = 768, which
@@ -83,8 +84,8 @@ def applicable(isa: str, K: int, gs: int) -> bool:
 def pack_tables(q, c, d, e, target) -> dict[str, np.ndarray]:
     """The kernel's tables from the signed codes q [N, K] and ``grid_codes``, tile-major over n (padded):
     c8 u8 [N/nb, G, nb] (the scale codes; the decode GEMV reads them too, `kernels.linear` ``grid``), d16 i16
-    [N/nb, G, nb] (the offset codes, also read by the GEMV), zc i32 [N/nb, nch, nb] (sum over a chunk's groups of c * sum q),
-    srow f32 [N/nb, nb] (2^e)."""
+    [N/nb, G, nb] (the offset codes, also read by the GEMV), zc i32 [N/nb, nch, nb] (sum over a chunk's groups of
+    c * sum q), srow f32 [N/nb, nb] (2^e)."""
     q = np.asarray(q, np.int64)
     N, K = q.shape
     G = c.shape[1]
