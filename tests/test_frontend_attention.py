@@ -101,17 +101,26 @@ def test_int16_dot_attention_equals_float_dot_bit_for_bit(heads, kv_heads, head_
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("parallel,int16_dot", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,alibi,m", DECODE_CASES)
+def _decode_variants():
+    """(case..., parallel, int16_dot): every case serial and parallel; the int16 dot (parallel, the models' choice)
+    on the cases it applies to (INT8, head_dim a multiple of 16; it needs an AVX2 host)."""
+    from agile_tvm.targets import get_target, isa_of
+
+    avx2 = isa_of(get_target("host")) in ("avx2", "avx512")
+    for case in DECODE_CASES:
+        yield (*case, False, False)
+        yield (*case, True, False)
+        if case[3] == "int8" and case[2] % 16 == 0:
+            yield pytest.param(*case, True, True, marks=pytest.mark.skipif(not avx2, reason="pmaddwd needs AVX2"))
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,dtype,alibi,m,parallel,int16_dot", list(_decode_variants()))
 def test_decode_attention_equals_plain_loops(heads, kv_heads, head_dim, dtype, alibi, m, parallel, int16_dot):
     """The decode kernel (one query over m cached keys) against the plain loops; INT8 also bit for bit against the
     blocked kernel at n = 1 (its Q.K is an exact integer dot in any order, float32 or pmaddwd, the softmax sums and
     AttnV keep the blocked kernel's order), so switching decode to it changes no decoded token."""
     from agile_tvm.frontend import tir_ops
-    from agile_tvm.targets import get_target, isa_of
 
-    if int16_dot and (isa_of(get_target("host")) not in ("avx2", "avx512") or head_dim % 16):
-        pytest.skip("the int16 dot needs an AVX2 host and head_dim a multiple of 16")
     arrays = _inputs(heads, kv_heads, head_dim, dtype, 1, m)
     q = arrays[0]
     want = _run(tir_ops.attention(heads, kv_heads, head_dim, dtype, 4, alibi), arrays, q.shape)

@@ -146,19 +146,18 @@ class _Tiled:
 
 
 class _GridTable:
-    """A per-(channel, group) float table given by integer grid codes times a per-channel power of two
-    (``grid``: ``code[t, g, l] * srow[t, l]`` over tiles t, groups g, lanes l), indexed [n, g] like `_Tiled`. The
-    product is exact in float32 (codes below 2^11, srow a power of two), so it equals the float table it replaces
-    bit for bit while reading 1 (scale) or 2 (offset) bytes per group instead of a float16's 2."""
+    """A per-(channel, group) float table given by integer grid codes [tiles, G, nb] times a per-channel power of two
+    srow [tiles, nb] (``grid``), indexed [n, g] like `_Tiled`. The product is exact in float32 (codes below 2^11,
+    srow a power of two), so it equals the float table it replaces bit for bit while reading 1 (scale) or 2
+    (offset) bytes per group instead of a float16's 2."""
 
-    def __init__(self, code, srow, nb: int, n_pad: int, groups: int, offset: int = 0):
-        self.code, self.srow, self.nb, self.tile0 = code, srow, nb, offset // nb
-        self.shape, self.dtype = (n_pad, groups), F32
+    def __init__(self, code, srow, nb: int, n_pad: int, offset: int = 0):
+        self.code, self.srow = _Tiled(code, nb, n_pad, offset, F32), _Tiled(srow, nb, n_pad, offset)
+        self.shape, self.dtype = self.code.shape, F32
 
     def __getitem__(self, idx):
         n, g = idx
-        t, lane = self.tile0 + n // self.nb, n % self.nb
-        return self.code[t, g, lane].astype(F32) * self.srow[t, lane]
+        return self.code[n, g] * self.srow[(n,)]
 
 
 class _TileOffset:
@@ -393,8 +392,8 @@ def linear_tensors(N, K, isa, wbits, *, group_size=None, has_bias=False, requant
         c8 = te.placeholder((n_all // nb, G, nb), "uint8", name="c8")
         d16 = te.placeholder((n_all // nb, G, nb), "int16", name="d16")
         srow = te.placeholder((n_all // nb, nb), F32, name="srow")
-        wscale = _GridTable(c8, srow, nb, n_pad, G, n_offset)
-        wmin = _GridTable(d16, srow, nb, n_pad, G, n_offset)
+        wscale = _GridTable(c8, srow, nb, n_pad, n_offset)
+        wmin = _GridTable(d16, srow, nb, n_pad, n_offset)
         wscale_p, wmin_p = c8, d16
     else:
         wscale_p, wscale = _table("wscale", (rows, G), F32, tables, nb, n_pad, **tab)
